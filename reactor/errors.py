@@ -1,0 +1,66 @@
+"""Exceptions raised by the reactor.
+
+Every error the reactor raises on purpose derives from :class:`ReactorError`::
+
+    ReactorError
+    ├── ConfigError            a setting is missing or invalid
+    ├── DatabaseError          the database refused or could not be reached
+    │   └── MigrationError     the schema cannot be brought to the wanted version
+    ├── EmbeddedPostgresError  the private PostgreSQL could not be set up or started
+    └── RenderError            a render call failed; carries an error category
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DatabaseError",
+    "EmbeddedPostgresError",
+    "MigrationError",
+    "ReactorError",
+    "RenderError",
+]
+
+
+class ReactorError(Exception):
+    """Root of the reactor's exceptions."""
+
+
+class ConfigError(ReactorError):
+    """A setting is missing or invalid."""
+
+
+class DatabaseError(ReactorError):
+    """The database refused a request or could not be reached."""
+
+
+class MigrationError(DatabaseError):
+    """The schema cannot be brought to the wanted version."""
+
+
+class EmbeddedPostgresError(ReactorError):
+    """The private PostgreSQL could not be set up or started."""
+
+
+class RenderError(ReactorError):
+    """A render call failed.
+
+    ``category`` is one of the error categories stored on the job (TIMEOUT, API_ERROR,
+    INVALID_INPUT, NOT_FOUND, UNKNOWN); ``retry_after`` is the delay the orchestrator asked for.
+    """
+
+    def __init__(
+        self,
+        category: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+        self.status_code = status_code
+        self.body = body
+        self.retry_after = retry_after
