@@ -135,14 +135,14 @@ class EmbeddedPostgres:
             }
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C.UTF-8" if "C.UTF-8" in _locales() else "C"
-        proc = subprocess.run(  # noqa: PLW1510 - checked below with the log attached
+        proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
             args,
             cwd=self.base_dir,
             env=env,
             capture_output=True,
             text=True,
             timeout=120,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
         if check and proc.returncode != 0:
             log = ""

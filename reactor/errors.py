@@ -64,3 +64,5 @@ class RenderError(ReactorError):
         self.status_code = status_code
         self.body = body
         self.retry_after = retry_after
+        #: the orchestrator was unreachable or dropped the connection (not an answer about the job)
+        self.transport = False

@@ -13,6 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -55,7 +56,7 @@ def discover(root: Path | None = None) -> list[Migration]:
     return found
 
 
-def applied_versions(conn: psycopg.Connection[object]) -> dict[int, str | None]:
+def applied_versions(conn: psycopg.Connection[Any]) -> dict[int, str | None]:
     """Applied version -> recorded checksum (None when applied by hand with psql)."""
     exists = conn.execute("SELECT to_regclass('reactor.schema_migrations') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
@@ -64,15 +65,15 @@ def applied_versions(conn: psycopg.Connection[object]) -> dict[int, str | None]:
     return {int(v): c for v, c in rows.fetchall()}
 
 
-def pending(conn: psycopg.Connection[object], migrations: list[Migration] | None = None) -> list[Migration]:
+def pending(conn: psycopg.Connection[Any], migrations: list[Migration] | None = None) -> list[Migration]:
     """Migrations not applied yet on this database."""
     done = applied_versions(conn)
     return [m for m in (migrations or discover()) if m.version not in done]
 
 
-def _connect(dsn: str) -> psycopg.Connection[object]:
+def _connect(dsn: str) -> psycopg.Connection[Any]:
     try:
-        conn: psycopg.Connection[object] = psycopg.connect(dsn, autocommit=True)
+        conn: psycopg.Connection[Any] = psycopg.connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
         raise MigrationError(f"cannot connect to the database: {exc}") from exc
     return conn

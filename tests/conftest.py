@@ -49,3 +49,8 @@ def db(dsn: str) -> Iterator[psycopg.Connection[object]]:
     """An autocommit connection to this test's database."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

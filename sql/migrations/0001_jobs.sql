@@ -197,7 +197,7 @@ CREATE TABLE reactor.jobs (
     CONSTRAINT "jobs.retry_count must be 0 or more" CHECK (retry_count >= 0),
     CONSTRAINT "jobs.max_retries must be 0 or more" CHECK (max_retries >= 0),
     CONSTRAINT "jobs.error_category is not a known category" CHECK (error_category IS NULL OR error_category IN
-        ('TIMEOUT', 'API_ERROR', 'INVALID_INPUT', 'NOT_FOUND', 'UNKNOWN', 'CANCELLED', 'LEASE_EXPIRED')),
+        ('TIMEOUT', 'API_ERROR', 'INVALID_INPUT', 'NOT_FOUND', 'UNKNOWN')),
     CONSTRAINT "jobs.job_type must be a known job type" FOREIGN KEY (job_type)
         REFERENCES public.job_types (name) ON UPDATE CASCADE
 );
@@ -512,7 +512,10 @@ BEGIN
            count(*) FILTER (WHERE status = 'queued' AND priority = 'medium')
                - count(*) FILTER (WHERE old_status = 'queued' AND coalesce(old_priority, priority) = 'medium') AS q_medium,
            count(*) FILTER (WHERE status = 'queued' AND priority = 'low')
-               - count(*) FILTER (WHERE old_status = 'queued' AND coalesce(old_priority, priority) = 'low')    AS q_low
+               - count(*) FILTER (WHERE old_status = 'queued' AND coalesce(old_priority, priority) = 'low')    AS q_low,
+           count(*) FILTER (WHERE status = 'queued' AND old_status IS DISTINCT FROM 'queued')  AS became_queued,
+           count(*) FILTER (WHERE old_status = 'processing' AND status IS DISTINCT FROM 'processing') AS freed,
+           count(*) FILTER (WHERE kind = 'cancelled') AS cancelled_now
       INTO d
       FROM reactor.event_stage WHERE xid = me;
     IF d.n = 0 THEN
@@ -540,11 +543,14 @@ BEGIN
     FROM moved;
     IF d.n = 1 THEN
         SELECT json_build_object('seq', e.seq, 'n', 1, 'kind', e.kind, 'id', e.job_id,
-                                 'status', e.status, 'priority', e.priority, 'job_type', e.job_type,
-                                 'renderer', e.renderer, 'user_id', e.user_id)::text
+                                 'status', e.status, 'old_status', e.old_status, 'priority', e.priority,
+                                 'job_type', e.job_type, 'renderer', e.renderer,
+                                 'user_id', e.user_id)::text
           INTO msg FROM reactor.events e WHERE e.seq = last;
     ELSE
-        msg := json_build_object('seq', last, 'n', d.n)::text;
+        -- q: jobs that became queued, f: jobs that left processing, c: cancellations
+        msg := json_build_object('seq', last, 'n', d.n, 'q', d.became_queued, 'f', d.freed,
+                                 'c', d.cancelled_now)::text;
     END IF;
     PERFORM pg_notify('reactor_events', msg);
     RETURN NULL;
@@ -684,5 +690,123 @@ CREATE TABLE reactor.reactors (
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Claiming, leases and the sweep (used by the reactor) --------------------------------------------
+
+-- Delayed (retrying) queued jobs, so that the reactor can wake at the next due time.
+CREATE INDEX jobs_delayed_idx ON reactor.jobs (run_after) WHERE status = 'queued' AND run_after > created_at;
+
+-- Claim up to p_max runnable jobs for p_reactor, in priority order, within the fleet-wide limits
+-- in effect at p_clock (peak hours). Claims are serialised by an advisory lock, so the in-flight
+-- count read here cannot be raced by another reactor; rows are taken with SKIP LOCKED so a
+-- writer holding a queued row never blocks dispatch. A renderer at its limit does not hold back
+-- the others: manim and non-manim jobs are read from their own indexes.
+CREATE FUNCTION reactor.claim_jobs(p_reactor text, p_max integer, p_lease interval,
+                                   p_clock timestamptz DEFAULT now())
+RETURNS TABLE (id uuid, job_type text, priority text, payload jsonb, user_id uuid, renderer text,
+               retry_count integer, max_retries integer, attempt integer, created_at timestamptz,
+               input_field text, type_defaults jsonb, timeout_minutes integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    lim         record;
+    run_total   integer;
+    run_manim   integer;
+    free_total  integer;
+    free_manim  integer;
+    timeout_min integer;
+BEGIN
+    IF p_max <= 0 THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(7240513002);
+    SELECT * INTO lim FROM reactor.effective_limits(p_clock);
+    IF lim.paused THEN
+        RETURN;
+    END IF;
+    SELECT count(*), count(*) FILTER (WHERE j.renderer = 'manim')
+      INTO run_total, run_manim
+      FROM reactor.jobs j WHERE j.status = 'processing';
+    free_total := least(lim.max_renders - run_total, p_max);
+    IF free_total <= 0 THEN
+        RETURN;
+    END IF;
+    free_manim := greatest(least(lim.max_manim - run_manim, free_total), 0);
+    SELECT c.job_timeout_minutes INTO timeout_min FROM public.job_queue_config c;
+    RETURN QUERY
+    WITH cand_manim AS (
+        SELECT q.id, q.priority_rank, q.created_at, q.job_no FROM reactor.jobs q
+         WHERE q.status = 'queued' AND q.renderer = 'manim' AND q.run_after <= now()
+         ORDER BY q.priority_rank, q.created_at, q.job_no
+         LIMIT free_manim FOR UPDATE SKIP LOCKED
+    ), cand_other AS (
+        SELECT q.id, q.priority_rank, q.created_at, q.job_no FROM reactor.jobs q
+         WHERE q.status = 'queued' AND q.renderer <> 'manim' AND q.run_after <= now()
+         ORDER BY q.priority_rank, q.created_at, q.job_no
+         LIMIT free_total FOR UPDATE SKIP LOCKED
+    ), cand AS (
+        SELECT * FROM cand_manim UNION ALL SELECT * FROM cand_other
+    ), pick AS (
+        SELECT cand.id FROM cand ORDER BY cand.priority_rank, cand.created_at, cand.job_no LIMIT free_total
+    ), upd AS (
+        UPDATE reactor.jobs j
+           SET status = 'processing', attempt = j.attempt + 1, locked_by = p_reactor,
+               lease_expires_at = now() + p_lease, error_message = NULL
+          FROM pick WHERE j.id = pick.id
+        RETURNING j.*
+    )
+    SELECT upd.id, upd.job_type, upd.priority, upd.payload, upd.user_id, upd.renderer,
+           upd.retry_count, upd.max_retries, upd.attempt, upd.created_at,
+           t.input_field, t.defaults, timeout_min
+      FROM upd JOIN public.job_types t ON t.name = upd.job_type
+     ORDER BY upd.priority_rank, upd.created_at, upd.job_no;
+END
+$$;
+
+-- Put back what died: jobs whose lease expired (their reactor stopped renewing it), jobs in
+-- processing with no lease for longer than p_orphan_after (set by hand), and jobs processing for
+-- longer than job_timeout_minutes plus p_grace. Each goes back to queued with retry_count + 1 and
+-- a TIMEOUT error, or to failed once its retries are spent.
+CREATE FUNCTION reactor.sweep(p_grace interval DEFAULT '30 seconds',
+                              p_orphan_after interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, status text, reason text, held_by text)
+LANGUAGE sql AS $$
+    WITH cfg AS (
+        SELECT make_interval(mins => c.job_timeout_minutes) AS timeout FROM public.job_queue_config c
+    ), stale AS (
+        SELECT j.id, j.locked_by,
+               CASE WHEN j.started_at < now() - cfg.timeout - p_grace THEN 'job_timeout'
+                    ELSE 'lease_expired' END AS reason,
+               cfg.timeout
+          FROM reactor.jobs j, cfg
+         WHERE j.status = 'processing'
+           AND (j.lease_expires_at < now()
+                OR (j.lease_expires_at IS NULL AND coalesce(j.started_at, j.updated_at) < now() - p_orphan_after)
+                OR j.started_at < now() - cfg.timeout - p_grace)
+           FOR UPDATE OF j SKIP LOCKED
+    )
+    UPDATE reactor.jobs j
+       SET status = CASE WHEN j.retry_count < j.max_retries THEN 'queued' ELSE 'failed' END,
+           retry_count = CASE WHEN j.retry_count < j.max_retries THEN j.retry_count + 1 ELSE j.retry_count END,
+           run_after = now(),
+           error_category = 'TIMEOUT',
+           error_message = CASE s.reason
+               WHEN 'job_timeout' THEN 'timed out: processing for longer than ' || s.timeout::text
+               ELSE 'lease expired: ' || coalesce('reactor ' || s.locked_by, 'no reactor') ||
+                    ' stopped renewing it (crashed or cut off)' END,
+           error_details = jsonb_build_object('reason', s.reason, 'held_by', s.locked_by,
+                                              'started_at', j.started_at, 'at', now())
+      FROM stale s
+     WHERE j.id = s.id
+    RETURNING j.id, j.status, s.reason, s.locked_by
+$$;
+
+-- When the reactor should next look without being told: the earliest delayed retry, and the
+-- earliest lease held by anyone (a dead reactor's lease expiring is nobody's NOTIFY).
+CREATE FUNCTION reactor.next_wakeups(OUT next_due timestamptz, OUT next_lease_expiry timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT min(j.run_after) FROM reactor.jobs j
+             WHERE j.status = 'queued' AND j.run_after > j.created_at AND j.run_after > now()),
+           (SELECT min(j.lease_expires_at) FROM reactor.jobs j WHERE j.status = 'processing')
+$$;
 
 INSERT INTO reactor.schema_migrations (version, name) VALUES (1, 'jobs');

@@ -1,0 +1,164 @@
+"""Database access for the service: a connection pool and the named queries of sql/queries.sql."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from reactor import __version__
+from reactor.errors import DatabaseError
+from reactor.models import ClaimedJob, Outcome
+from reactor.sqlfiles import load_queries
+
+__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs"]
+
+logger = logging.getLogger(__name__)
+
+#: errors after which the same statement may simply be tried again
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.AdminShutdown,
+)
+
+
+def connect_kwargs() -> dict[str, Any]:
+    """Connection options: TCP keepalives so a dead peer is noticed, and a short connect timeout."""
+    return {
+        "autocommit": True,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "connect_timeout": 10,
+    }
+
+
+class Database:
+    """The reactor's pool. Every write is one autocommit statement."""
+
+    def __init__(self, dsn: str, reactor_id: str, *, min_size: int = 1, max_size: int = 8) -> None:
+        self.dsn = dsn
+        self.reactor_id = reactor_id
+        self._q = load_queries()
+        self.pool = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs=connect_kwargs(),
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+            name="reactor",
+        )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "SELECT set_config('reactor.actor', %s, false), "
+            "set_config('application_name', %s, false)",
+            (f"reactor:{self.reactor_id}", f"reactor {self.reactor_id}"),
+        )
+
+    async def open(self, wait_s: float = 30.0) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=wait_s)
+        except Exception as exc:
+            raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(self._q[name], params)
+            return await cur.fetchall() if cur.description else []
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def claim(self, max_jobs: int, lease_s: float, clock: datetime) -> list[ClaimedJob]:
+        rows = await self._rows(
+            "claim_jobs",
+            {"reactor": self.reactor_id, "max": max_jobs, "lease_s": lease_s, "clock": clock},
+        )
+        return [
+            ClaimedJob(
+                id=r["id"], job_type=r["job_type"], priority=r["priority"], payload=r["payload"],
+                user_id=r["user_id"], renderer=r["renderer"], retry_count=r["retry_count"],
+                max_retries=r["max_retries"], attempt=r["attempt"], created_at=r["created_at"],
+                input_field=r["input_field"], type_defaults=r["type_defaults"],
+                timeout_minutes=r["timeout_minutes"],
+            )
+            for r in rows
+        ]
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> set[UUID]:
+        """Write outcomes whose lease we still hold; returns the ids written."""
+        batch = []
+        for o in outcomes:
+            d = asdict(o)
+            batch.append({
+                "id": str(o.job_id), "attempt": o.attempt, "status": o.status, "result": d["result"],
+                "retry_count": o.retry_count, "delay_s": o.delay_seconds,
+                "error_category": o.error_category, "error_message": o.error_message,
+                "error_details": d["error_details"],
+            })
+        rows = await self._rows(
+            "finish_jobs", {"batch": json.dumps(batch, default=str), "reactor": self.reactor_id}
+        )
+        return {r["id"] for r in rows}
+
+    async def renew(self, held: dict[UUID, int], lease_s: float) -> set[UUID]:
+        """Extend the leases we hold; returns the ids still ours."""
+        if not held:
+            return set()
+        rows = await self._rows("renew_leases", {
+            "ids": list(held), "attempts": list(held.values()), "lease_s": lease_s,
+            "reactor": self.reactor_id,
+        })
+        return {r["id"] for r in rows}
+
+    async def still_held(self, held: dict[UUID, int]) -> set[UUID]:
+        if not held:
+            return set()
+        rows = await self._rows("still_held", {
+            "ids": list(held), "attempts": list(held.values()), "reactor": self.reactor_id,
+        })
+        return {r["id"] for r in rows}
+
+    # -- sweep -----------------------------------------------------------------------------------
+
+    async def sweep(self, grace_s: float, orphan_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Requeue what died, prune old events, say we are alive, and read when to look next:
+        one transaction. Returns (jobs swept, next wake-up times)."""
+        async with self.pool.connection() as conn:
+            async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(self._q["sweep"], {"grace_s": grace_s, "orphan_s": orphan_s})
+                swept = await cur.fetchall()
+                await cur.execute(self._q["heartbeat"], {
+                    "reactor": self.reactor_id, "hostname": socket.gethostname(),
+                    "pid": os.getpid(), "version": __version__,
+                })
+                await cur.execute(self._q["prune_events"])
+                await cur.execute(self._q["forget_dead_reactors"])
+                await cur.execute(self._q["next_wakeups"])
+                wakeups = await cur.fetchone()
+            return swept, wakeups or {}
+
+    async def next_wakeups(self) -> dict[str, Any]:
+        rows = await self._rows("next_wakeups", {})
+        return rows[0]
+
+    async def unregister(self) -> None:
+        await self._rows("unregister", {"reactor": self.reactor_id})

@@ -1,0 +1,138 @@
+"""``reactor demo``: everything on one machine, with no set-up.
+
+A private PostgreSQL (created on first use, run as an unprivileged user when root), the schema,
+the orchestrator double, one reactor, and a stream of sample jobs submitted with plain SQL, a few
+of them made to fail so that retries and error categories show in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import anyio
+import psycopg
+
+from reactor.devorch import OrchestratorDouble
+from reactor.embedded import EmbeddedPostgres, default_data_dir
+from reactor.migrations import migrate_up
+from reactor.service import Service, ServiceSettings
+
+__all__ = ["run", "sample_job"]
+
+logger = logging.getLogger(__name__)
+
+QUESTIONS = [
+    "Why does the derivative of sin x equal cos x?",
+    "How do I integrate x * e^x?",
+    "What is the geometric meaning of a determinant?",
+    "Why is the sum of angles in a triangle 180 degrees?",
+    "How does compound interest grow over ten years?",
+]
+TOPICS = ["Photosynthesis", "Newton's third law", "The French Revolution", "Supply and demand", "Plate tectonics"]
+
+
+def sample_job(rng: random.Random, today: date) -> tuple[str, str, dict[str, Any]]:
+    """(job_type, priority, payload) for one sample job; about 1 in 12 is made to fail."""
+    kind = rng.choices(["doubt", "topic_short", "daily_ca"], weights=[6, 3, 1])[0]
+    priority = rng.choices(["high", "medium", "low"], weights=[2, 5, 3])[0]
+    payload: dict[str, Any]
+    if kind == "doubt":
+        payload = {"question": rng.choice(QUESTIONS)}
+    elif kind == "topic_short":
+        payload = {"topic": rng.choice(TOPICS), "length": rng.choice(["short", "medium"])}
+    else:
+        payload = {"date": (today - timedelta(days=rng.randint(0, 3))).isoformat()}
+    field = {"doubt": "question", "topic_short": "topic", "daily_ca": "date"}[kind]
+    roll = rng.random()
+    if roll < 0.03:
+        payload.pop(field)  # a bad payload: fails with INVALID_INPUT, never retried
+    elif roll < 0.06:
+        payload[field] += " [[fail_first=1:status=503]]"  # retried once, then completes
+    elif roll < 0.08:
+        payload[field] += " [[status=404]]"  # NOT_FOUND: failed at once
+    return kind, priority, payload
+
+
+async def _submit(dsn: str, rate: float, stop: anyio.Event) -> None:
+    rng = random.Random()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            job_type, priority, payload = sample_job(rng, datetime.now(UTC).date())
+            cur = await conn.execute(
+                "INSERT INTO jobs (job_type, priority, payload) VALUES (%s, %s, %s) "
+                "RETURNING id, queue_position",
+                (job_type, priority, json.dumps(payload)),
+            )
+            row = await cur.fetchone()
+            if row:
+                logger.info(
+                    "sample job submitted",
+                    extra={"job_id": str(row[0]), "job_type": job_type, "priority": priority,
+                           "queue_position": row[1]},
+                )
+            with anyio.move_on_after(rng.expovariate(rate) if rate > 0 else 1.0):
+                await stop.wait()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    server = EmbeddedPostgres(default_data_dir())
+    if args.fresh:
+        server.destroy()
+        server = EmbeddedPostgres(default_data_dir())
+    dsn = server.start()
+    migrate_up(dsn)
+    async with OrchestratorDouble(latency_ms=800, jitter_ms=1500) as orch:
+        service = Service(ServiceSettings(dsn=dsn, orchestrator_url=orch.url, handle_signals=False))
+        stop = anyio.Event()
+        print(  # noqa: T201
+            "\nreactor demo\n"
+            f"  database      {dsn}\n"
+            f"  orchestrator  {orch.url}  (test double; GET {orch.url}/stats)\n"
+            f"  submit a job  psql {dsn} -c \"INSERT INTO jobs (job_type, payload) "
+            "VALUES ('doubt', '{\\\"question\\\": \\\"Why is the sky blue?\\\"}') RETURNING id, queue_position\"\n"
+            f"  queue stats   psql {dsn} -c 'SELECT * FROM get_queue_stats()'\n"
+            "  stop          Ctrl-C\n",
+            flush=True,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            tg.start_soon(_submit, dsn, args.rate, stop)
+
+            async def _until_stopped() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    if args.duration > 0:
+                        with anyio.move_on_after(args.duration):
+                            async for _ in signals:
+                                break
+                    else:
+                        async for _ in signals:
+                            break
+                stop.set()
+                service.request_stop()
+
+            tg.start_soon(_until_stopped)
+        with psycopg.connect(dsn) as conn:
+            cur = conn.execute(
+                "SELECT queued, processing, completed, failed, round(avg_wait_seconds::numeric, 3) "
+                "FROM get_queue_stats()"
+            )
+            row = cur.fetchone()
+        server.stop()
+        if row:
+            print(  # noqa: T201
+                f"\nqueue now: queued={row[0]} processing={row[1]} completed={row[2]} failed={row[3]} "
+                f"avg_wait_s={row[4]}\nthe data is kept in {server.base_dir}; "
+                "`reactor run --orchestrator-url URL` without --dsn starts it again\n",
+                flush=True,
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    anyio.run(_main, args, backend="asyncio")
+    return 0

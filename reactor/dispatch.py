@@ -1,0 +1,435 @@
+"""Claim under limits, render, write the outcome back: the reactor's work loop.
+
+The dispatcher sleeps until something can change what it may start: a notification (a job became
+queued, a job left processing, a limit changed), its own timer for the next delayed retry, or a
+resync after the listener reconnected. Then it claims as many jobs as the fleet-wide limits and its
+own ``max_inflight`` allow, in one statement, and renders each in its own task. Outcomes are
+written back in batches by one writer task, each checked against the lease, so an attempt whose
+job was taken over (lease expired) or cancelled cannot overwrite anything.
+
+It imports neither the HTTP client nor the feed: the render call is injected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from reactor.db import TRANSIENT_ERRORS
+from reactor.errors import RenderError
+from reactor.listener import Notice
+from reactor.models import ClaimedJob, Outcome, RenderRequest, RenderResult
+from reactor.policy import InvalidPayload, build_request, decide_failure
+
+__all__ = ["DispatchSettings", "Dispatcher", "JobStore", "RenderFn"]
+
+logger = logging.getLogger(__name__)
+
+RenderFn = Callable[[RenderRequest, float], Awaitable[RenderResult]]
+
+
+class JobStore(Protocol):
+    """What the dispatcher needs from the database (reactor.db.Database provides it)."""
+
+    reactor_id: str
+
+    async def claim(self, max_jobs: int, lease_s: float, clock: datetime) -> list[ClaimedJob]: ...
+    async def finish(self, outcomes: list[Outcome]) -> set[UUID]: ...
+    async def renew(self, held: dict[UUID, int], lease_s: float) -> set[UUID]: ...
+    async def still_held(self, held: dict[UUID, int]) -> set[UUID]: ...
+    async def next_wakeups(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    max_inflight: int = 32
+    lease_s: float = 15.0
+    renew_every_s: float = 5.0
+    drain_grace_s: float = 30.0
+    backoff_base_s: float = 2.0
+    backoff_cap_s: float = 300.0
+    #: the render deadline is job_timeout_minutes; this caps it (tests use seconds)
+    max_render_timeout_s: float | None = None
+
+
+@dataclass
+class _Inflight:
+    job: ClaimedJob
+    scope: anyio.CancelScope
+    started: float
+    reason: str | None = None  # why it was cancelled: cancelled | lost | drain
+
+
+@dataclass
+class DispatchStats:
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    discarded: int = 0
+    by_category: dict[str, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: JobStore,
+        render: RenderFn,
+        settings: DispatchSettings | None = None,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+        on_outcome: Callable[[ClaimedJob, Outcome], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.render = render
+        self.settings = settings or DispatchSettings()
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_outcome = on_outcome
+        self.stats = DispatchStats()
+        self.inflight: dict[UUID, _Inflight] = {}
+        self.claiming = True  # False while draining (or while an outer gate says so)
+        self.gate: Callable[[], bool] = lambda: True  # extra condition to claim (circuit breaker)
+        self._wake = anyio.Event()
+        self._next_due: float | None = None  # monotonic time of the next delayed retry we know of
+        self._due_dirty = True
+        self._check_lost = False
+        send, recv = anyio.create_memory_object_stream[Outcome](math.inf)
+        self._out_send: MemoryObjectSendStream[Outcome] = send
+        self._out_recv: MemoryObjectReceiveStream[Outcome] = recv
+        self._pending_writes = 0
+        self._idle = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    # -- wake-ups ---------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def on_connect(self) -> None:
+        """The listener (re)connected: anything may have happened meanwhile."""
+        self._due_dirty = True
+        self._check_lost = True
+        self.wake()
+
+    def on_notice(self, notice: Notice) -> None:
+        p = notice.payload
+        if notice.channel == "reactor_config" or p.get("truncated"):
+            self.wake()
+            return
+        if p.get("n", 0) == 1:
+            kind = p.get("kind")
+            job_id = _uuid(p.get("id"))
+            if job_id in self.inflight and p.get("old_status") == "processing":
+                # a job we render was changed by someone else (cancelled, rescued): check which
+                # attempt holds it now, and abort ours if it is no longer ours
+                self._check_lost = True
+                self.wake()
+            if kind == "retrying":
+                self._due_dirty = True
+            if p.get("status") == "queued" or p.get("old_status") == "processing":
+                self.wake()
+            return
+        if p.get("c", 0) and self.inflight:
+            self._check_lost = True
+        if p.get("q", 0):
+            self._due_dirty = True
+        if p.get("q", 0) or p.get("f", 0) or self._check_lost:
+            self.wake()
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._writer)
+            tg.start_soon(self._lease_loop)
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            timeout = self._sleep_for()
+            with anyio.move_on_after(timeout):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            if self._check_lost:
+                self._check_lost = False
+                await self._reconcile()
+            if not self.claiming:
+                continue
+            if self._due_dirty:
+                await self._refresh_due()
+            await self._claim_round()
+
+    def _sleep_for(self) -> float:
+        if self._next_due is None:
+            return math.inf
+        return max(0.0, self._next_due - time.monotonic())
+
+    async def _refresh_due(self) -> None:
+        try:
+            w = await self.store.next_wakeups()
+        except TRANSIENT_ERRORS as exc:
+            logger.warning("cannot read the next due time: %s", exc)
+            return
+        self._due_dirty = False
+        due = w.get("next_due")
+        if due is None:
+            self._next_due = None
+        else:
+            delta = (due - w["db_now"]).total_seconds()
+            self._next_due = time.monotonic() + max(0.0, delta) + 0.005
+
+    async def _claim_round(self) -> None:
+        while self.claiming and self.gate():
+            room = self.settings.max_inflight - len(self.inflight)
+            if room <= 0:
+                return
+            try:
+                jobs = await self.store.claim(room, self.settings.lease_s, self.clock())
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("claim failed, will retry: %s", exc)
+                await anyio.sleep(0.5)
+                self.wake()
+                return
+            if self._next_due is not None and self._next_due <= time.monotonic():
+                self._due_dirty = True
+            for job in jobs:
+                self._start(job)
+            if len(jobs) < room:
+                return  # the limits or the queue stopped us; a notification will wake us
+
+    def _start(self, job: ClaimedJob) -> None:
+        assert self._tg is not None
+        self.stats.claimed += 1
+        entry = _Inflight(job, anyio.CancelScope(), time.monotonic())
+        self.inflight[job.id] = entry
+        logger.info(
+            "job started",
+            extra={"job_id": str(job.id), "attempt": job.attempt, "job_type": job.job_type,
+                   "priority": job.priority},
+        )
+        self._tg.start_soon(self._run_job, entry)
+
+    # -- one job ----------------------------------------------------------------------------------
+
+    async def _run_job(self, entry: _Inflight) -> None:
+        job = entry.job
+        outcome: Outcome | None = None
+        try:
+            with entry.scope:
+                outcome = await self._attempt(job)
+            if outcome is None and entry.reason == "drain":
+                outcome = Outcome(
+                    job.id, job.attempt, "queued", job.retry_count,
+                    error_message=f"returned to the queue: reactor {self.store.reactor_id} stopped",
+                )
+                self.stats.released += 1
+            elif outcome is None:
+                self.stats.discarded += 1
+                logger.info(
+                    "job abandoned",
+                    extra={"job_id": str(job.id), "attempt": job.attempt, "reason": entry.reason},
+                )
+        finally:
+            if outcome is not None:
+                self._pending_writes += 1
+                self._out_send.send_nowait(outcome)
+            del self.inflight[job.id]
+            self._maybe_idle()
+            self.wake()
+
+    async def _attempt(self, job: ClaimedJob) -> Outcome:
+        try:
+            request = build_request(job)
+        except InvalidPayload as exc:
+            return self._failure(job, RenderError("INVALID_INPUT", str(exc)))
+        timeout = job.timeout_minutes * 60.0
+        if self.settings.max_render_timeout_s is not None:
+            timeout = min(timeout, self.settings.max_render_timeout_s)
+        try:
+            result = await self.render(request, timeout)
+        except RenderError as exc:
+            return self._failure(job, exc)
+        except Exception as exc:  # a bug or an unexpected library error must not stop the reactor
+            logger.exception("render of job %s failed unexpectedly", job.id)
+            return self._failure(job, RenderError("UNKNOWN", f"unexpected error: {exc!r}"[:500]))
+        return Outcome(job.id, job.attempt, "completed", job.retry_count, result=result.to_json())
+
+    def _failure(self, job: ClaimedJob, err: RenderError) -> Outcome:
+        decision = decide_failure(
+            err.category, job.retry_count, job.max_retries, self.rng,
+            retry_after=err.retry_after, backoff_base=self.settings.backoff_base_s,
+            backoff_cap=self.settings.backoff_cap_s,
+        )
+        details: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "attempt": job.attempt}
+        if err.status_code is not None:
+            details["status_code"] = err.status_code
+        if err.body is not None:
+            details["body"] = err.body
+        if err.retry_after is not None:
+            details["retry_after_s"] = err.retry_after
+        if decision.status == "queued":
+            details["retry_in_s"] = round(decision.delay_seconds, 3)
+        return Outcome(
+            job.id, job.attempt, decision.status, decision.retry_count,
+            delay_seconds=decision.delay_seconds, error_category=err.category,
+            error_message=err.message, error_details=details,
+        )
+
+    def _abort(self, entry: _Inflight, reason: str) -> None:
+        if entry.reason is None:
+            entry.reason = reason
+        entry.scope.cancel()
+
+    # -- writing outcomes -------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        while True:
+            first = await self._out_recv.receive()
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._out_recv.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            await self._write(batch)
+            self._pending_writes -= len(batch)
+            self._maybe_idle()
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                written = await self.store.finish(batch)
+                break
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("cannot record %d outcomes yet (retry in %.1f s): %s", len(batch), delay, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for o in batch:
+            if o.job_id not in written:
+                self.stats.discarded += 1
+                logger.warning(
+                    "outcome discarded: the lease was lost (job rescued or changed meanwhile)",
+                    extra={"job_id": str(o.job_id), "attempt": o.attempt, "status": o.status},
+                )
+                continue
+            self._count(o)
+            if o.status == "queued" and o.delay_seconds > 0:
+                due = time.monotonic() + o.delay_seconds
+                if self._next_due is None or due < self._next_due:
+                    self._next_due = due
+        self.wake()
+
+    def _count(self, o: Outcome) -> None:
+        extra = {"job_id": str(o.job_id), "attempt": o.attempt}
+        if o.error_category:
+            self.stats.by_category[o.error_category] = self.stats.by_category.get(o.error_category, 0) + 1
+            extra["category"] = o.error_category
+        if o.status == "completed":
+            self.stats.completed += 1
+            logger.info("job completed", extra=extra)
+        elif o.status == "failed":
+            self.stats.failed += 1
+            logger.warning("job failed: %s", o.error_message, extra=extra)
+        elif o.error_category:
+            self.stats.retried += 1
+            extra["retry_in_s"] = round(o.delay_seconds, 2)
+            logger.info("job will be retried: %s", o.error_message, extra=extra)
+        else:
+            logger.info("job returned to the queue", extra=extra)
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def _held(self) -> dict[UUID, int]:
+        return {i: e.job.attempt for i, e in self.inflight.items()}
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.renew_every_s)
+            held = self._held()
+            if not held:
+                continue
+            try:
+                kept = await self.store.renew(held, self.settings.lease_s)
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("cannot renew leases: %s", exc)
+                continue
+            self._drop_lost(held, kept)
+
+    async def _reconcile(self) -> None:
+        held = self._held()
+        if not held:
+            return
+        try:
+            kept = await self.store.still_held(held)
+        except TRANSIENT_ERRORS as exc:
+            logger.warning("cannot check held jobs: %s", exc)
+            return
+        self._drop_lost(held, kept)
+
+    def _drop_lost(self, held: dict[UUID, int], kept: set[UUID]) -> None:
+        for job_id in held.keys() - kept:
+            entry = self.inflight.get(job_id)
+            if entry is not None and entry.job.attempt == held[job_id]:
+                logger.warning(
+                    "job no longer ours (cancelled or rescued); aborting its render",
+                    extra={"job_id": str(job_id), "attempt": entry.job.attempt},
+                )
+                self._abort(entry, "lost")
+
+    # -- stopping ---------------------------------------------------------------------------------
+
+    def _maybe_idle(self) -> None:
+        if not self.inflight and self._pending_writes == 0:
+            self._idle.set()
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop claiming; let renders finish within the grace, then abort and release the rest."""
+        self.claiming = False
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        self._idle = anyio.Event()
+        self._maybe_idle()
+        with anyio.move_on_after(grace):
+            await self._idle.wait()
+        if self.inflight:
+            logger.warning("grace period over: returning %d jobs to the queue", len(self.inflight))
+            for entry in list(self.inflight.values()):
+                self._abort(entry, "drain")
+        self._idle = anyio.Event()
+        self._maybe_idle()
+        with anyio.move_on_after(10):
+            await self._idle.wait()
+
+    def abort_all(self) -> None:
+        """Second signal: abort every render now and release the jobs (best effort)."""
+        self.claiming = False
+        for entry in list(self.inflight.values()):
+            self._abort(entry, "drain")
+
+
+def _uuid(value: object) -> UUID | None:
+    if value is None:
+        return None
+    try:
+        return UUID(str(value))
+    except ValueError:
+        return None

@@ -1,0 +1,78 @@
+"""Data that crosses a boundary: claimed jobs, render requests and results, job outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+__all__ = ["ClaimedJob", "Outcome", "RenderRequest", "RenderResult"]
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this reactor holds the lease of (one row of ``reactor.claim_jobs``)."""
+
+    id: UUID
+    job_type: str
+    priority: str
+    payload: dict[str, Any]
+    user_id: UUID | None
+    renderer: str
+    retry_count: int
+    max_retries: int
+    attempt: int
+    created_at: datetime
+    input_field: str
+    type_defaults: dict[str, Any]
+    timeout_minutes: int
+
+
+class RenderRequest(BaseModel):
+    """Body of ``POST {orchestrator}/render``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: UUID
+    job_type: str
+    input: str
+    style: str
+    length: str
+    voice: str
+
+
+class RenderResult(BaseModel):
+    """A 2xx answer of the orchestrator, validated before it is stored in ``jobs.result``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    video_url: HttpUrl
+    thumbnail_url: HttpUrl | None = None
+    duration: float = Field(ge=0)
+    processing_time_ms: int = Field(ge=0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "video_url": str(self.video_url),
+            "thumbnail_url": str(self.thumbnail_url) if self.thumbnail_url else None,
+            "duration": self.duration,
+            "processing_time_ms": self.processing_time_ms,
+        }
+
+
+@dataclass
+class Outcome:
+    """How one attempt ended, as written back to the job (lease-checked)."""
+
+    job_id: UUID
+    attempt: int
+    status: str  # completed | queued | failed
+    retry_count: int
+    result: dict[str, Any] | None = None
+    delay_seconds: float = 0.0
+    error_category: str | None = None
+    error_message: str | None = None
+    error_details: dict[str, Any] | None = field(default=None)

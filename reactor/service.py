@@ -1,0 +1,156 @@
+"""The running reactor: one task group owns the listener, the dispatcher and the sweep.
+
+Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), sweep; then ready.
+SIGTERM (or SIGINT) drains: stop claiming, let renders finish within the grace period, abort and
+return the rest to the queue without spending a retry, exit 0. A second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import anyio
+from anyio.abc import TaskStatus
+
+from reactor.db import TRANSIENT_ERRORS, Database
+from reactor.dispatch import Dispatcher, DispatchSettings
+from reactor.listener import Listener
+from reactor.render import RenderClient
+
+__all__ = ["Service", "ServiceSettings", "new_reactor_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def new_reactor_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class ServiceSettings:
+    dsn: str
+    orchestrator_url: str
+    reactor_id: str = field(default_factory=new_reactor_id)
+    sweep_every_s: float = 30.0
+    #: how long past job_timeout_minutes the sweep waits before it takes a job back
+    timeout_grace_s: float = 30.0
+    #: a job in processing with no lease (set by hand) is taken back after this long
+    orphan_after_s: float = 30.0
+    listener_idle_check_s: float = 60.0
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    handle_signals: bool = True
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.dsn, settings.reactor_id)
+        self.render_client = RenderClient(settings.orchestrator_url)
+        self.dispatcher = Dispatcher(self.db, self.render_client.render, settings.dispatch)
+        if clock is not None:
+            self.dispatcher.clock = clock
+        self.listener = Listener(
+            settings.dsn,
+            on_notice=self.dispatcher.on_notice,
+            on_connect=self._on_listener_connect,
+            idle_check_s=settings.listener_idle_check_s,
+        )
+        self.ready = anyio.Event()
+        self.stopping = False
+        self._sweep_wake = anyio.Event()
+        self._stop_requested = anyio.Event()
+        self.swept_total = 0
+
+    @property
+    def reactor_id(self) -> str:
+        return self.settings.reactor_id
+
+    def _on_listener_connect(self) -> None:
+        self.dispatcher.on_connect()
+        self._sweep_wake.set()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stop_requested.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.db.open()
+        logger.info(
+            "reactor starting",
+            extra={"reactor": self.reactor_id, "orchestrator": self.settings.orchestrator_url},
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.dispatcher.run)
+                await tg.start(self.listener.run)
+                tg.start_soon(self._sweeper)
+                if self.settings.handle_signals:
+                    tg.start_soon(self._signals)
+                self.ready.set()
+                task_status.started()
+                logger.info("reactor ready", extra={"reactor": self.reactor_id})
+                await self._stop_requested.wait()
+                self.stopping = True
+                logger.info("stopping: no new jobs; waiting for renders in flight",
+                            extra={"inflight": len(self.dispatcher.inflight)})
+                await self.dispatcher.drain()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        try:
+            with anyio.fail_after(5):
+                await self.db.unregister()
+        except (TimeoutError, *TRANSIENT_ERRORS) as exc:  # type: ignore[misc]
+            logger.warning("could not unregister: %s", exc)
+        await self.render_client.aclose()
+        await self.db.close()
+        logger.info("reactor stopped", extra={"reactor": self.reactor_id, **vars(self.dispatcher.stats)})
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self._stop_requested.is_set():
+                    logger.info("signal %s: draining (send it again to stop at once)", signum.name)
+                    self.request_stop()
+                else:
+                    logger.warning("second signal: aborting renders in flight")
+                    self.dispatcher.abort_all()
+
+    async def _sweeper(self) -> None:
+        """Every sweep_every_s, and when a lease is due to expire: take back what died."""
+        s = self.settings
+        while True:
+            next_at = time.monotonic() + s.sweep_every_s
+            try:
+                swept, wakeups = await self.db.sweep(s.timeout_grace_s, s.orphan_after_s)
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("sweep failed: %s", exc)
+                swept, wakeups = [], {}
+                next_at = time.monotonic() + min(5.0, s.sweep_every_s)
+            for row in swept:
+                self.swept_total += 1
+                logger.warning(
+                    "job taken back by the sweep",
+                    extra={"job_id": str(row["id"]), "status": row["status"], "reason": row["reason"],
+                           "held_by": row["held_by"], "category": "TIMEOUT"},
+                )
+            expiry = wakeups.get("next_lease_expiry")
+            if expiry is not None:
+                # a lease held by anyone (maybe a dead reactor) expires then: look right after
+                delta = (expiry - wakeups["db_now"]).total_seconds() + 0.5
+                next_at = min(next_at, time.monotonic() + max(1.0, delta))
+            self._sweep_wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, next_at - time.monotonic())):
+                await self._sweep_wake.wait()
+

@@ -1,0 +1,53 @@
+-- Named queries of the reactor, loaded once by reactor/db.py. Parameters are %(name)s.
+
+-- name: claim_jobs
+SELECT * FROM reactor.claim_jobs(%(reactor)s, %(max)s, make_interval(secs => %(lease_s)s), %(clock)s)
+
+-- name: finish_jobs
+UPDATE reactor.jobs j
+   SET status = f.status,
+       result = f.result,
+       retry_count = f.retry_count,
+       run_after = CASE WHEN f.status = 'queued' THEN now() + make_interval(secs => f.delay_s)
+                        ELSE j.run_after END,
+       error_category = f.error_category,
+       error_message = f.error_message,
+       error_details = f.error_details
+  FROM jsonb_to_recordset(%(batch)s::jsonb) AS f(id uuid, attempt integer, status text, result jsonb,
+       retry_count integer, delay_s double precision, error_category text, error_message text,
+       error_details jsonb)
+ WHERE j.id = f.id AND j.attempt = f.attempt AND j.status = 'processing' AND j.locked_by = %(reactor)s
+RETURNING j.id
+
+-- name: renew_leases
+UPDATE reactor.jobs j
+   SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+  FROM unnest(%(ids)s::uuid[], %(attempts)s::integer[]) AS h(id, attempt)
+ WHERE j.id = h.id AND j.attempt = h.attempt AND j.status = 'processing' AND j.locked_by = %(reactor)s
+RETURNING j.id
+
+-- name: still_held
+SELECT h.id
+  FROM unnest(%(ids)s::uuid[], %(attempts)s::integer[]) AS h(id, attempt)
+  JOIN reactor.jobs j ON j.id = h.id AND j.attempt = h.attempt
+ WHERE j.status = 'processing' AND j.locked_by = %(reactor)s
+
+-- name: sweep
+SELECT * FROM reactor.sweep(make_interval(secs => %(grace_s)s), make_interval(secs => %(orphan_s)s))
+
+-- name: next_wakeups
+SELECT next_due, next_lease_expiry, now() AS db_now FROM reactor.next_wakeups()
+
+-- name: heartbeat
+INSERT INTO reactor.reactors (id, hostname, pid, version)
+VALUES (%(reactor)s, %(hostname)s, %(pid)s, %(version)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+
+-- name: unregister
+DELETE FROM reactor.reactors WHERE id = %(reactor)s
+
+-- name: forget_dead_reactors
+DELETE FROM reactor.reactors WHERE heartbeat_at < now() - interval '1 day'
+
+-- name: prune_events
+SELECT reactor.prune_events()
