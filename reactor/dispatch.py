@@ -24,7 +24,6 @@ from uuid import UUID
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from reactor.db import TRANSIENT_ERRORS
 from reactor.errors import RenderError
@@ -44,8 +43,9 @@ class JobStore(Protocol):
 
     reactor_id: str
 
-    async def claim(self, max_jobs: int, lease_s: float, clock: datetime) -> list[ClaimedJob]: ...
-    async def finish(self, outcomes: list[Outcome]) -> set[UUID]: ...
+    async def finish_and_claim(
+        self, outcomes: list[Outcome], max_jobs: int, lease_s: float, clock: datetime
+    ) -> tuple[set[UUID], list[ClaimedJob]]: ...
     async def renew(self, held: dict[UUID, int], lease_s: float) -> set[UUID]: ...
     async def still_held(self, held: dict[UUID, int]) -> set[UUID]: ...
     async def next_wakeups(self) -> dict[str, Any]: ...
@@ -99,6 +99,7 @@ class Dispatcher:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_outcome = on_outcome
+        self.actor = f"reactor:{store.reactor_id}"
         self.stats = DispatchStats()
         self.inflight: dict[UUID, _Inflight] = {}
         self.claiming = True  # False while draining (or while an outer gate says so)
@@ -107,10 +108,10 @@ class Dispatcher:
         self._next_due: float | None = None  # monotonic time of the next delayed retry we know of
         self._due_dirty = True
         self._check_lost = False
-        send, recv = anyio.create_memory_object_stream[Outcome](math.inf)
-        self._out_send: MemoryObjectSendStream[Outcome] = send
-        self._out_recv: MemoryObjectReceiveStream[Outcome] = recv
-        self._pending_writes = 0
+        self._claim_wanted = True  # something may be claimable (cleared when a claim comes back short)
+        self._want_gen = 0  # bumped by every reason to claim, so one arriving mid-claim is not lost
+        self._outbox: list[Outcome] = []  # outcomes waiting to be written
+        self._writing = 0  # outcomes being written now
         self._idle = anyio.Event()
         self._tg: TaskGroup | None = None
 
@@ -123,39 +124,45 @@ class Dispatcher:
         """The listener (re)connected: anything may have happened meanwhile."""
         self._due_dirty = True
         self._check_lost = True
+        self._want_claim()
+
+    def _want_claim(self) -> None:
+        self._claim_wanted = True
+        self._want_gen += 1
         self.wake()
 
     def on_notice(self, notice: Notice) -> None:
         p = notice.payload
         if notice.channel == "reactor_config" or p.get("truncated"):
-            self.wake()
+            self._want_claim()
             return
+        if p.get("actor") == self.actor:
+            return  # our own claim or outcome: already accounted for
         if p.get("n", 0) == 1:
-            kind = p.get("kind")
             job_id = _uuid(p.get("id"))
             if job_id in self.inflight and p.get("old_status") == "processing":
                 # a job we render was changed by someone else (cancelled, rescued): check which
                 # attempt holds it now, and abort ours if it is no longer ours
                 self._check_lost = True
                 self.wake()
-            if kind == "retrying":
+            if p.get("kind") == "retrying":
                 self._due_dirty = True
             if p.get("status") == "queued" or p.get("old_status") == "processing":
-                self.wake()
+                self._want_claim()
             return
         if p.get("c", 0) and self.inflight:
             self._check_lost = True
+            self.wake()
         if p.get("q", 0):
             self._due_dirty = True
-        if p.get("q", 0) or p.get("f", 0) or self._check_lost:
-            self.wake()
+        if p.get("q", 0) or p.get("f", 0):
+            self._want_claim()
 
     # -- main loop --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._writer)
             tg.start_soon(self._lease_loop)
             task_status.started()
             try:
@@ -164,19 +171,41 @@ class Dispatcher:
                 tg.cancel_scope.cancel()
 
     async def _loop(self) -> None:
+        """One round trip per turn: write the outcomes waiting, and claim what there is room for."""
         while True:
-            timeout = self._sleep_for()
-            with anyio.move_on_after(timeout):
-                await self._wake.wait()
+            if not self._outbox and not self._claim_wanted and not self._check_lost:
+                with anyio.move_on_after(self._sleep_for()):
+                    await self._wake.wait()
             self._wake = anyio.Event()
+            if self._next_due is not None and self._next_due <= time.monotonic():
+                self._next_due = None
+                self._due_dirty = True
+                self._want_claim()
             if self._check_lost:
                 self._check_lost = False
                 await self._reconcile()
-            if not self.claiming:
-                continue
-            if self._due_dirty:
+            if self._due_dirty and self.claiming:
                 await self._refresh_due()
-            await self._claim_round()
+            batch, self._outbox = self._outbox, []
+            room = self._room() if self._claim_wanted else 0
+            if not batch and room <= 0:
+                self._claim_wanted = False  # full, paused or draining: a finished job or a notice wakes us
+                continue
+            self._writing = len(batch)
+            gen = self._want_gen
+            written, jobs = await self._exchange(batch, room)
+            self._writing = 0
+            self._recorded(batch, written)
+            for job in jobs:
+                self._start(job)
+            if len(jobs) < room and gen == self._want_gen:
+                self._claim_wanted = False  # limits or an empty queue stopped us: wait to be told
+            self._maybe_idle()
+
+    def _room(self) -> int:
+        if not (self.claiming and self.gate()):
+            return 0
+        return max(0, self.settings.max_inflight - len(self.inflight))
 
     def _sleep_for(self) -> float:
         if self._next_due is None:
@@ -197,24 +226,19 @@ class Dispatcher:
             delta = (due - w["db_now"]).total_seconds()
             self._next_due = time.monotonic() + max(0.0, delta) + 0.005
 
-    async def _claim_round(self) -> None:
-        while self.claiming and self.gate():
-            room = self.settings.max_inflight - len(self.inflight)
-            if room <= 0:
-                return
+    async def _exchange(self, batch: list[Outcome], room: int) -> tuple[set[UUID], list[ClaimedJob]]:
+        """finish_and_claim, retried until the database answers: outcomes are never dropped."""
+        delay = 0.1
+        while True:
             try:
-                jobs = await self.store.claim(room, self.settings.lease_s, self.clock())
+                return await self.store.finish_and_claim(batch, room, self.settings.lease_s, self.clock())
             except TRANSIENT_ERRORS as exc:
-                logger.warning("claim failed, will retry: %s", exc)
-                await anyio.sleep(0.5)
-                self.wake()
-                return
-            if self._next_due is not None and self._next_due <= time.monotonic():
-                self._due_dirty = True
-            for job in jobs:
-                self._start(job)
-            if len(jobs) < room:
-                return  # the limits or the queue stopped us; a notification will wake us
+                logger.warning(
+                    "database unavailable (%d outcomes waiting; retry in %.1f s): %s", len(batch), delay, exc
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                room = self._room() if room else 0
 
     def _start(self, job: ClaimedJob) -> None:
         assert self._tg is not None
@@ -249,12 +273,11 @@ class Dispatcher:
                     extra={"job_id": str(job.id), "attempt": job.attempt, "reason": entry.reason},
                 )
         finally:
-            if outcome is not None:
-                self._pending_writes += 1
-                self._out_send.send_nowait(outcome)
             del self.inflight[job.id]
+            if outcome is not None:
+                self._outbox.append(outcome)
             self._maybe_idle()
-            self.wake()
+            self._want_claim()  # room was freed
 
     async def _attempt(self, job: ClaimedJob) -> Outcome:
         try:
@@ -301,29 +324,7 @@ class Dispatcher:
 
     # -- writing outcomes -------------------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        while True:
-            first = await self._out_recv.receive()
-            batch = [first]
-            while True:
-                try:
-                    batch.append(self._out_recv.receive_nowait())
-                except anyio.WouldBlock:
-                    break
-            await self._write(batch)
-            self._pending_writes -= len(batch)
-            self._maybe_idle()
-
-    async def _write(self, batch: list[Outcome]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                written = await self.store.finish(batch)
-                break
-            except TRANSIENT_ERRORS as exc:
-                logger.warning("cannot record %d outcomes yet (retry in %.1f s): %s", len(batch), delay, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    def _recorded(self, batch: list[Outcome], written: set[UUID]) -> None:
         for o in batch:
             if o.job_id not in written:
                 self.stats.discarded += 1
@@ -337,7 +338,6 @@ class Dispatcher:
                 due = time.monotonic() + o.delay_seconds
                 if self._next_due is None or due < self._next_due:
                     self._next_due = due
-        self.wake()
 
     def _count(self, o: Outcome) -> None:
         extra = {"job_id": str(o.job_id), "attempt": o.attempt}
@@ -399,7 +399,7 @@ class Dispatcher:
     # -- stopping ---------------------------------------------------------------------------------
 
     def _maybe_idle(self) -> None:
-        if not self.inflight and self._pending_writes == 0:
+        if not self.inflight and not self._outbox and not self._writing:
             self._idle.set()
 
     async def drain(self, grace_s: float | None = None) -> None:

@@ -102,6 +102,11 @@ def migrate_up(dsn: str, migrations: list[Migration] | None = None) -> list[Migr
                     )
             for m in todo:
                 if m.version in done:
+                    if done[m.version] is None:  # applied by hand with psql: record what it was
+                        conn.execute(
+                            "UPDATE reactor.schema_migrations SET checksum = %s WHERE version = %s",
+                            (m.checksum, m.version),
+                        )
                     continue
                 logger.info("applying migration %s", m.up.name)
                 try:

@@ -1,23 +1,8 @@
 -- Named queries of the reactor, loaded once by reactor/db.py. Parameters are %(name)s.
 
--- name: claim_jobs
-SELECT * FROM reactor.claim_jobs(%(reactor)s, %(max)s, make_interval(secs => %(lease_s)s), %(clock)s)
-
--- name: finish_jobs
-UPDATE reactor.jobs j
-   SET status = f.status,
-       result = f.result,
-       retry_count = f.retry_count,
-       run_after = CASE WHEN f.status = 'queued' THEN now() + make_interval(secs => f.delay_s)
-                        ELSE j.run_after END,
-       error_category = f.error_category,
-       error_message = f.error_message,
-       error_details = f.error_details
-  FROM jsonb_to_recordset(%(batch)s::jsonb) AS f(id uuid, attempt integer, status text, result jsonb,
-       retry_count integer, delay_s double precision, error_category text, error_message text,
-       error_details jsonb)
- WHERE j.id = f.id AND j.attempt = f.attempt AND j.status = 'processing' AND j.locked_by = %(reactor)s
-RETURNING j.id
+-- name: finish_and_claim
+SELECT * FROM reactor.finish_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,
+                                       make_interval(secs => %(lease_s)s), %(clock)s)
 
 -- name: renew_leases
 UPDATE reactor.jobs j

@@ -111,8 +111,10 @@ BEGIN
             USING ERRCODE = 'check_violation', COLUMN = 'peak_worker_multiplier', TABLE = 'job_queue_config';
     END IF;
     IF (NEW.peak_hour_start IS NULL) <> (NEW.peak_hour_end IS NULL) THEN
-        RAISE EXCEPTION 'job_queue_config.peak_hour_start and peak_hour_end must both be set or both be NULL'
-            USING ERRCODE = 'check_violation', COLUMN = 'peak_hour_start', TABLE = 'job_queue_config';
+        RAISE EXCEPTION 'job_queue_config.% is NULL: peak_hour_start and peak_hour_end must both be set or both be NULL',
+            CASE WHEN NEW.peak_hour_start IS NULL THEN 'peak_hour_start' ELSE 'peak_hour_end' END
+            USING ERRCODE = 'check_violation', TABLE = 'job_queue_config',
+                  COLUMN = CASE WHEN NEW.peak_hour_start IS NULL THEN 'peak_hour_start' ELSE 'peak_hour_end' END;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = NEW.timezone) THEN
         RAISE EXCEPTION 'job_queue_config.timezone must be a time zone name such as UTC or Asia/Kolkata, got %',
@@ -147,6 +149,18 @@ $$;
 CREATE TRIGGER job_queue_config_check
     BEFORE INSERT OR UPDATE OR DELETE ON public.job_queue_config
     FOR EACH ROW EXECUTE FUNCTION reactor.check_config();
+
+CREATE FUNCTION reactor.refuse_config_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'job_queue_config must keep its one row: UPDATE it instead of truncating'
+        USING ERRCODE = 'restrict_violation', TABLE = 'job_queue_config';
+END
+$$;
+
+CREATE TRIGGER job_queue_config_no_truncate
+    BEFORE TRUNCATE ON public.job_queue_config
+    FOR EACH STATEMENT EXECUTE FUNCTION reactor.refuse_config_truncate();
 
 -- A changed limit must wake every reactor at once (raising a limit frees capacity).
 CREATE FUNCTION reactor.notify_config() RETURNS trigger
@@ -346,7 +360,9 @@ SELECT j.id,
 FROM reactor.jobs j;
 COMMENT ON VIEW public.jobs IS
     'One row per job. Insert with INSERT INTO jobs (job_type, payload[, priority, user_id]). '
-    'queue_position is computed when read (1 = next to start) and NULL unless queued.';
+    'queue_position is computed when read (1 = next to start) and NULL unless queued. A multi-row '
+    'INSERT ... RETURNING queue_position numbers each row against the queue as it was before the '
+    'statement; read the positions again after a batch insert.';
 
 -- Events, counters and NOTIFY ---------------------------------------------------------------------
 --
@@ -545,12 +561,12 @@ BEGIN
         SELECT json_build_object('seq', e.seq, 'n', 1, 'kind', e.kind, 'id', e.job_id,
                                  'status', e.status, 'old_status', e.old_status, 'priority', e.priority,
                                  'job_type', e.job_type, 'renderer', e.renderer,
-                                 'user_id', e.user_id)::text
+                                 'user_id', e.user_id, 'actor', e.actor)::text
           INTO msg FROM reactor.events e WHERE e.seq = last;
     ELSE
         -- q: jobs that became queued, f: jobs that left processing, c: cancellations
         msg := json_build_object('seq', last, 'n', d.n, 'q', d.became_queued, 'f', d.freed,
-                                 'c', d.cancelled_now)::text;
+                                 'c', d.cancelled_now, 'actor', reactor.current_actor())::text;
     END IF;
     PERFORM pg_notify('reactor_events', msg);
     RETURN NULL;
@@ -719,7 +735,24 @@ BEGIN
         RETURN;
     END IF;
     PERFORM pg_advisory_xact_lock(7240513002);
-    SELECT * INTO lim FROM reactor.effective_limits(p_clock);
+    -- the same rule as reactor.effective_limits(), inlined: plpgsql caches this plan
+    SELECT c.max_concurrent_renders = 0 AS paused,
+           CASE WHEN p.is_peak AND c.max_concurrent_renders > 0
+                THEN greatest(1, floor(c.max_concurrent_renders * c.peak_worker_multiplier))::integer
+                ELSE c.max_concurrent_renders END AS max_renders,
+           CASE WHEN p.is_peak AND c.max_manim_renders > 0
+                THEN greatest(1, floor(c.max_manim_renders * c.peak_worker_multiplier))::integer
+                ELSE c.max_manim_renders END AS max_manim,
+           c.job_timeout_minutes
+      INTO lim
+      FROM public.job_queue_config c,
+           LATERAL (SELECT (p_clock AT TIME ZONE c.timezone)::time AS t) lt,
+           LATERAL (SELECT coalesce(CASE
+                WHEN c.peak_hour_start IS NULL OR c.peak_hour_start = c.peak_hour_end THEN false
+                WHEN c.peak_hour_start < c.peak_hour_end
+                    THEN lt.t >= c.peak_hour_start AND lt.t < c.peak_hour_end
+                ELSE lt.t >= c.peak_hour_start OR lt.t < c.peak_hour_end
+           END, false) AS is_peak) p;
     IF lim.paused THEN
         RETURN;
     END IF;
@@ -731,7 +764,7 @@ BEGIN
         RETURN;
     END IF;
     free_manim := greatest(least(lim.max_manim - run_manim, free_total), 0);
-    SELECT c.job_timeout_minutes INTO timeout_min FROM public.job_queue_config c;
+    timeout_min := lim.job_timeout_minutes;
     RETURN QUERY
     WITH cand_manim AS (
         SELECT q.id, q.priority_rank, q.created_at, q.job_no FROM reactor.jobs q
@@ -759,6 +792,43 @@ BEGIN
            t.input_field, t.defaults, timeout_min
       FROM upd JOIN public.job_types t ON t.name = upd.job_type
      ORDER BY upd.priority_rank, upd.created_at, upd.job_no;
+END
+$$;
+
+-- Write the outcomes of finished attempts (only where the lease is still ours: same reactor, same
+-- attempt, still processing), then claim again: one round trip and one commit for both.
+-- Rows with written = true name the jobs whose outcome was recorded; the others are new claims.
+CREATE FUNCTION reactor.finish_and_claim(p_batch jsonb, p_reactor text, p_max integer, p_lease interval,
+                                         p_clock timestamptz DEFAULT now())
+RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload jsonb, user_id uuid,
+               renderer text, retry_count integer, max_retries integer, attempt integer,
+               created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF jsonb_array_length(p_batch) > 0 THEN
+        RETURN QUERY
+        WITH f AS (
+            UPDATE reactor.jobs j
+               SET status = f.status,
+                   result = f.result,
+                   retry_count = f.retry_count,
+                   run_after = CASE WHEN f.status = 'queued' THEN now() + make_interval(secs => f.delay_s)
+                                    ELSE j.run_after END,
+                   error_category = f.error_category,
+                   error_message = f.error_message,
+                   error_details = f.error_details
+              FROM jsonb_to_recordset(p_batch) AS f(id uuid, attempt integer, status text, result jsonb,
+                   retry_count integer, delay_s double precision, error_category text, error_message text,
+                   error_details jsonb)
+             WHERE j.id = f.id AND j.attempt = f.attempt AND j.status = 'processing' AND j.locked_by = p_reactor
+            RETURNING j.id)
+        SELECT true, f.id, NULL::text, NULL::text, NULL::jsonb, NULL::uuid, NULL::text, NULL::integer,
+               NULL::integer, NULL::integer, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::integer
+          FROM f;
+    END IF;
+    IF p_max > 0 THEN
+        RETURN QUERY SELECT false, c.* FROM reactor.claim_jobs(p_reactor, p_max, p_lease, p_clock) c;
+    END IF;
 END
 $$;
 

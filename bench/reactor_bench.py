@@ -1,0 +1,256 @@
+"""Reactor benchmarks: pickup latency, throughput, idle cost.
+
+    python3 bench/reactor_bench.py [--quick] [--fast] [--only pickup,throughput,idle]
+
+Starts a private PostgreSQL, the orchestrator double and one reactor as separate processes, so
+the figures include real process boundaries, and prints:
+
+* pickup latency: INSERT commit (the client's execute returned) to the orchestrator receiving
+  ``POST /render``, at 50 jobs/s, p50 / p99 (goal p50 <= 2.5 ms, p99 <= 8 ms);
+* throughput: 5,000 jobs queued by one INSERT, the double answering at once, limit 10: jobs/s from
+  the INSERT to the last completion (goal >= 1,000 jobs/s);
+* idle cost: transactions per minute on the database while the reactor has nothing to do
+  (goal <= 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres  # noqa: E402
+from reactor.migrations import migrate_up  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            http_json(url)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class Procs:
+    def __init__(self, dsn: str, logdir: Path) -> None:
+        self.dsn = dsn
+        self.logdir = logdir
+        self.orch_port = free_port()
+        self.orch_url = f"http://127.0.0.1:{self.orch_port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start_orchestrator(self) -> None:
+        log = open(self.logdir / "orchestrator.log", "wb")  # noqa: SIM115
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "reactor", "--log-level", "WARNING", "dev-orchestrator",
+             "--port", str(self.orch_port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        ))
+        wait_http(f"{self.orch_url}/health")
+
+    def start_reactor(self) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / "reactor.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen(
+            [sys.executable, "-m", "reactor", "--log-level", "WARNING", "run", "--dsn", self.dsn,
+             "--orchestrator-url", self.orch_url],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def wait_reactor_ready(dsn: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'reactor listener' "
+            "AND query ILIKE 'listen%%'"
+        ).fetchone()[0]:  # type: ignore[index]
+            if time.monotonic() > deadline:
+                raise RuntimeError("reactor did not start LISTENing")
+            time.sleep(0.05)
+
+
+def bench_pickup(dsn: str, procs: Procs, n: int, rate: float) -> dict[str, float]:
+    http_json(f"{procs.orch_url}/reset", "POST", {})
+    commit_at: dict[str, float] = {}
+    interval = 1.0 / rate
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # warm-up
+        for _ in range(20):
+            conn.execute("INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"warm\"}')")
+            time.sleep(interval)
+        time.sleep(0.5)
+        http_json(f"{procs.orch_url}/reset", "POST", {})
+        next_at = time.perf_counter()
+        for i in range(n):
+            cur = conn.execute(
+                "INSERT INTO jobs (job_type, payload) VALUES ('topic_short', %s) RETURNING id",
+                (json.dumps({"topic": f"t{i}"}),),
+            )
+            t = time.time()
+            row = cur.fetchone()
+            assert row
+            commit_at[str(row[0])] = t
+            next_at += interval
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+    deadline = time.monotonic() + 30
+    while True:
+        reqs = http_json(f"{procs.orch_url}/requests")
+        if len(reqs) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    lat = [(r["received_at"] - commit_at[r["job_id"]]) * 1000 for r in reqs if r["job_id"] in commit_at]
+    return {"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": max(lat)}
+
+
+def bench_throughput(dsn: str, procs: Procs, n: int) -> dict[str, float]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE job_queue_config SET max_concurrent_renders = 10, max_manim_renders = 10")
+        done0 = conn.execute("SELECT count(*) FROM reactor.jobs WHERE status = 'completed'").fetchone()[0]  # type: ignore[index]
+        t0 = time.perf_counter()
+        conn.execute(
+            "INSERT INTO jobs (job_type, payload) SELECT 'topic_short', jsonb_build_object('topic', 't' || g) "
+            "FROM generate_series(1, %s) g", (n,),
+        )
+        while True:
+            done = conn.execute("SELECT count(*) FROM reactor.jobs WHERE status = 'completed'").fetchone()[0]  # type: ignore[index]
+            if done - done0 >= n:
+                break
+            if time.perf_counter() - t0 > 300:
+                raise RuntimeError(f"only {done - done0} of {n} completed in 300 s")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+    stats = http_json(f"{procs.orch_url}/stats")
+    return {"n": n, "seconds": elapsed, "jobs_per_s": n / elapsed, "max_in_flight": stats["max_in_flight"]}
+
+
+def bench_idle(dsn: str, seconds: float) -> dict[str, float]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        def xacts() -> int:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            time.sleep(1.5)
+            row = conn.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+            assert row
+            return int(row[0])
+
+        time.sleep(2)
+        before = xacts()
+        time.sleep(seconds)
+        after = xacts()
+    own = 3  # the measuring connection's own statements between the two reads
+    per_min = max(0, after - before - own) * 60 / (seconds + 1.5)
+    return {"seconds": seconds, "transactions": after - before - own, "per_minute": per_min}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute in all)")
+    ap.add_argument("--fast", action="store_true", help="PostgreSQL with fsync off (default: durable defaults)")
+    ap.add_argument("--only", default="pickup,throughput,idle")
+    args = ap.parse_args()
+    which = set(args.only.split(","))
+    settings = dict(FAST_SETTINGS) if args.fast else {"max_connections": "100"}
+    server = EmbeddedPostgres(settings=settings)
+    logdir = Path(tempfile.mkdtemp(prefix="reactor-bench-"))
+    results: dict[str, dict[str, float]] = {}
+    try:
+        dsn = server.start()
+        migrate_up(dsn)
+        print(f"PostgreSQL: {'fsync off (--fast)' if args.fast else 'durable defaults'}; "
+              f"{os.cpu_count()} CPUs; logs in {logdir}")
+        procs = Procs(dsn, logdir)
+        procs.start_orchestrator()
+        procs.start_reactor()
+        wait_reactor_ready(dsn)
+        try:
+            if "idle" in which:
+                secs = 30.0 if args.quick else 60.0
+                results["idle"] = r = bench_idle(dsn, secs)
+                print(f"idle: {r['transactions']:.0f} transactions in {secs:.0f} s "
+                      f"= {r['per_minute']:.1f}/min (goal <= 6)")
+            if "pickup" in which:
+                n = 300 if args.quick else 1500
+                results["pickup"] = r = bench_pickup(dsn, procs, n, 50.0)
+                print(f"pickup at 50 jobs/s ({r['n']:.0f} jobs): p50 {r['p50_ms']:.2f} ms, "
+                      f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms (goal p50 <= 2.5, p99 <= 8)")
+            if "throughput" in which:
+                n = 2000 if args.quick else 5000
+                results["throughput"] = r = bench_throughput(dsn, procs, n)
+                print(f"throughput: {r['n']:.0f} jobs in {r['seconds']:.2f} s = {r['jobs_per_s']:.0f} jobs/s, "
+                      f"max in flight {r['max_in_flight']:.0f} (goal >= 1000 jobs/s)")
+        finally:
+            procs.stop()
+    finally:
+        server.destroy()
+    print("\nsummary")
+    if "pickup" in results:
+        r = results["pickup"]
+        ok = r["p50_ms"] <= 2.5 and r["p99_ms"] <= 8
+        print(f"  pickup p50/p99   {r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms   {'PASS' if ok else 'FAIL'}")
+    if "throughput" in results:
+        r = results["throughput"]
+        print(f"  throughput       {r['jobs_per_s']:.0f} jobs/s        {'PASS' if r['jobs_per_s'] >= 1000 else 'FAIL'}")
+    if "idle" in results:
+        r = results["idle"]
+        print(f"  idle             {r['per_minute']:.1f} tx/min         {'PASS' if r['per_minute'] <= 6 else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
