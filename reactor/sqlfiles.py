@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-from importlib import resources
 from pathlib import Path
 
 from reactor.errors import ReactorError
@@ -14,16 +13,11 @@ __all__ = ["load_queries", "sql_dir"]
 
 @functools.cache
 def sql_dir() -> Path:
-    checkout = Path(__file__).resolve().parent.parent / "sql"
-    if (checkout / "migrations").is_dir():
-        return checkout
-    try:
-        installed = Path(str(resources.files("reactor.sql")))
-    except (ModuleNotFoundError, TypeError) as exc:
-        raise ReactorError("the reactor's SQL files are missing from this installation") from exc
-    if not (installed / "migrations").is_dir():
-        raise ReactorError(f"the reactor's SQL files are missing from {installed}")
-    return installed
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "sql", here / "sql"):  # a source checkout, then an installed wheel
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise ReactorError(f"the reactor's SQL files are missing (looked in {here.parent / 'sql'} and {here / 'sql'})")
 
 
 _HEADER = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
