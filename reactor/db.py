@@ -165,5 +165,8 @@ class Database:
         rows = await self._rows("next_wakeups", {})
         return rows[0]
 
+    async def set_circuit(self, state: str, since: datetime | None) -> None:
+        await self._rows("set_circuit", {"reactor": self.reactor_id, "state": state, "since": since})
+
     async def unregister(self) -> None:
         await self._rows("unregister", {"reactor": self.reactor_id})

@@ -25,6 +25,7 @@ from uuid import UUID
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from reactor.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
 from reactor.db import TRANSIENT_ERRORS
 from reactor.errors import RenderError
 from reactor.listener import Notice
@@ -36,6 +37,10 @@ __all__ = ["DispatchSettings", "Dispatcher", "JobStore", "RenderFn"]
 logger = logging.getLogger(__name__)
 
 RenderFn = Callable[[RenderRequest, float], Awaitable[RenderResult]]
+ProbeFn = Callable[[], Awaitable[bool]]
+
+#: answers that mean "the render farm is down or overloaded", not "this job is bad"
+OUTAGE_STATUSES = frozenset({502, 503})
 
 
 class JobStore(Protocol):
@@ -49,6 +54,7 @@ class JobStore(Protocol):
     async def renew(self, held: dict[UUID, int], lease_s: float) -> set[UUID]: ...
     async def still_held(self, held: dict[UUID, int]) -> set[UUID]: ...
     async def next_wakeups(self) -> dict[str, Any]: ...
+    async def set_circuit(self, state: str, since: datetime | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,13 @@ class DispatchSettings:
     backoff_cap_s: float = 300.0
     #: the render deadline is job_timeout_minutes; this caps it (tests use seconds)
     max_render_timeout_s: float | None = None
+    #: consecutive outage failures (refused, reset, connect timeout, 502, 503) that open the circuit
+    circuit_threshold: int = 5
+    probe_base_s: float = 1.0
+    probe_cap_s: float = 30.0
+    #: attempts a job may be put back without spending a retry (outages, stops) before its own
+    #: retry rules apply again: a job that breaks the connection every time cannot loop forever
+    free_requeues: int = 10
 
 
 @dataclass
@@ -92,6 +105,7 @@ class Dispatcher:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
         on_outcome: Callable[[ClaimedJob, Outcome], None] | None = None,
+        probe: ProbeFn | None = None,
     ) -> None:
         self.store = store
         self.render = render
@@ -100,10 +114,18 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.on_outcome = on_outcome
         self.actor = f"reactor:{store.reactor_id}"
+        self.probe = probe
+        self.circuit = CircuitBreaker(
+            threshold=self.settings.circuit_threshold, probe_base_s=self.settings.probe_base_s,
+            probe_cap_s=self.settings.probe_cap_s, rng=self.rng,
+        )
+        self.on_transition: Callable[[Transition], None] | None = None
+        self._circuit_wake = anyio.Event()
+        self._circuit_since: datetime | None = None
+        self._circuit_published: tuple[str, datetime | None] | None = None
         self.stats = DispatchStats()
         self.inflight: dict[UUID, _Inflight] = {}
-        self.claiming = True  # False while draining (or while an outer gate says so)
-        self.gate: Callable[[], bool] = lambda: True  # extra condition to claim (circuit breaker)
+        self.claiming = True  # False while draining
         self._wake = anyio.Event()
         self._next_due: float | None = None  # monotonic time of the next delayed retry we know of
         self._due_dirty = True
@@ -164,6 +186,7 @@ class Dispatcher:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._lease_loop)
+            tg.start_soon(self._circuit_loop)
             task_status.started()
             try:
                 await self._loop()
@@ -203,9 +226,11 @@ class Dispatcher:
             self._maybe_idle()
 
     def _room(self) -> int:
-        if not (self.claiming and self.gate()):
+        if not self.claiming:
             return 0
-        return max(0, self.settings.max_inflight - len(self.inflight))
+        room = max(0, self.settings.max_inflight - len(self.inflight))
+        budget = self.circuit.claim_budget()
+        return room if budget is None else min(room, budget)
 
     def _sleep_for(self) -> float:
         if self._next_due is None:
@@ -243,6 +268,7 @@ class Dispatcher:
     def _start(self, job: ClaimedJob) -> None:
         assert self._tg is not None
         self.stats.claimed += 1
+        self.circuit.trial_started()
         entry = _Inflight(job, anyio.CancelScope(), time.monotonic())
         self.inflight[job.id] = entry
         logger.info(
@@ -274,6 +300,8 @@ class Dispatcher:
                 )
         finally:
             del self.inflight[job.id]
+            if self.circuit.state == HALF_OPEN:
+                self.circuit.trial_in_flight = False  # the trial ended without deciding: allow another
             if outcome is not None:
                 self._outbox.append(outcome)
             self._maybe_idle()
@@ -290,11 +318,76 @@ class Dispatcher:
         try:
             result = await self.render(request, timeout)
         except RenderError as exc:
+            if exc.transport or exc.status_code in OUTAGE_STATUSES:
+                self._transition(self.circuit.on_outage_failure(time.monotonic()))
+                if job.attempt - 1 - job.retry_count < self.settings.free_requeues:
+                    return self._outage_requeue(job, exc)
+            elif exc.status_code is not None or exc.category == "UNKNOWN":
+                # the orchestrator answered: whatever is wrong is about this job, not the farm
+                self._transition(self.circuit.on_success(time.monotonic()))
             return self._failure(job, exc)
         except Exception as exc:  # a bug or an unexpected library error must not stop the reactor
             logger.exception("render of job %s failed unexpectedly", job.id)
             return self._failure(job, RenderError("UNKNOWN", f"unexpected error: {exc!r}"[:500]))
+        self._transition(self.circuit.on_success(time.monotonic()))
         return Outcome(job.id, job.attempt, "completed", job.retry_count, result=result.to_json())
+
+    def _outage_requeue(self, job: ClaimedJob, err: RenderError) -> Outcome:
+        """Back to the queue without spending a retry: the render farm failed, not the job."""
+        delay = 0.0 if self.circuit.is_outage() else min(
+            self.settings.backoff_cap_s, self.settings.backoff_base_s * (1 + self.rng.random()))
+        details: dict[str, Any] = {
+            "at": datetime.now(UTC).isoformat(), "attempt": job.attempt, "outage": True,
+            "circuit": self.circuit.state,
+        }
+        if err.status_code is not None:
+            details["status_code"] = err.status_code
+        if err.body is not None:
+            details["body"] = err.body
+        return Outcome(
+            job.id, job.attempt, "queued", job.retry_count, delay_seconds=delay,
+            error_category=err.category,
+            error_message=f"{err.message} (render farm unreachable: put back without spending a retry)",
+            error_details=details,
+        )
+
+    # -- circuit breaker ----------------------------------------------------------------------------
+
+    def _transition(self, t: Transition | None) -> None:
+        if t is None:
+            return
+        level = logging.INFO if t.new == CLOSED else logging.WARNING
+        logger.log(level, "circuit %s -> %s: %s", t.old, t.new, t.reason,
+                   extra={"circuit": t.new, "inflight": len(self.inflight)})
+        if t.new == OPEN and t.old == CLOSED:
+            self._circuit_since = datetime.now(UTC)
+        elif t.new == CLOSED:
+            self._circuit_since = None
+        if self.on_transition is not None:
+            self.on_transition(t)
+        self._circuit_wake.set()
+        if t.new in (CLOSED, HALF_OPEN):
+            self._want_claim()  # notifications did not stop meanwhile: re-read the queue now
+
+    async def _circuit_loop(self) -> None:
+        """Probe /health while open; publish the circuit state for `reactor status` and the feed."""
+        while True:
+            state = (self.circuit.state, self._circuit_since)
+            if state != self._circuit_published:
+                try:
+                    await self.store.set_circuit(*state)
+                    self._circuit_published = state
+                except TRANSIENT_ERRORS as exc:
+                    logger.warning("cannot record the circuit state: %s", exc)
+            self._circuit_wake = anyio.Event()
+            if self.circuit.state == OPEN and self.circuit.next_probe_at is not None and self.probe:
+                with anyio.move_on_after(max(0.0, self.circuit.next_probe_at - time.monotonic())):
+                    await self._circuit_wake.wait()
+                if self.circuit.state == OPEN and time.monotonic() >= (self.circuit.next_probe_at or 0):
+                    ok = await self.probe()
+                    self._transition(self.circuit.on_probe(ok, time.monotonic()))
+            else:
+                await self._circuit_wake.wait()
 
     def _failure(self, job: ClaimedJob, err: RenderError) -> Outcome:
         decision = decide_failure(

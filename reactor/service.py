@@ -54,7 +54,9 @@ class Service:
         self.settings = settings
         self.db = Database(settings.dsn, settings.reactor_id)
         self.render_client = RenderClient(settings.orchestrator_url)
-        self.dispatcher = Dispatcher(self.db, self.render_client.render, settings.dispatch)
+        self.dispatcher = Dispatcher(
+            self.db, self.render_client.render, settings.dispatch, probe=self.render_client.health
+        )
         if clock is not None:
             self.dispatcher.clock = clock
         self.listener = Listener(

@@ -28,6 +28,14 @@ INSERT INTO reactor.reactors (id, hostname, pid, version)
 VALUES (%(reactor)s, %(hostname)s, %(pid)s, %(version)s)
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 
+-- name: set_circuit
+WITH upd AS (
+    UPDATE reactor.reactors SET circuit_state = %(state)s, circuit_since = %(since)s
+     WHERE id = %(reactor)s RETURNING id, circuit_state, circuit_since)
+SELECT pg_notify('reactor_fleet', json_build_object('reactor', id, 'circuit', circuit_state,
+                                                    'since', circuit_since)::text)
+  FROM upd
+
 -- name: unregister
 DELETE FROM reactor.reactors WHERE id = %(reactor)s
 

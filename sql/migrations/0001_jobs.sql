@@ -705,7 +705,10 @@ CREATE TABLE reactor.reactors (
     pid          integer NOT NULL,
     version      text NOT NULL,
     started_at   timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at timestamptz NOT NULL DEFAULT now()
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    -- the reactor's view of the render farm: closed (fine), open (unreachable), half_open (trying)
+    circuit_state text NOT NULL DEFAULT 'closed',
+    circuit_since timestamptz
 );
 
 -- Claiming, leases and the sweep (used by the reactor) --------------------------------------------

@@ -155,7 +155,9 @@ async def test_error_categories(
 
     from tests.support.reactors import FAST_DISPATCH
 
-    settings = replace(FAST_DISPATCH, max_render_timeout_s=0.5)
+    # the per-job rules alone: no circuit breaker, no free requeues for outage-like failures
+    # (502, reset, hang are outage-like; tests/integration/test_circuit.py covers that side)
+    settings = replace(FAST_DISPATCH, max_render_timeout_s=0.5, free_requeues=0, circuit_threshold=1000)
     async with OrchestratorDouble(retry_after_s=0.1) as orch, running_reactor(dsn, orch.url, dispatch=settings):
         job_id = insert(db, "doubt", {"question": f"q {marker}"}, max_retries=max_retries)
         await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (job_id,),
