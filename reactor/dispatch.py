@@ -336,6 +336,8 @@ class Dispatcher:
         """Back to the queue without spending a retry: the render farm failed, not the job."""
         delay = 0.0 if self.circuit.is_outage() else min(
             self.settings.backoff_cap_s, self.settings.backoff_base_s * (1 + self.rng.random()))
+        if err.retry_after is not None:
+            delay = max(delay, err.retry_after)  # the orchestrator asked for it
         details: dict[str, Any] = {
             "at": datetime.now(UTC).isoformat(), "attempt": job.attempt, "outage": True,
             "circuit": self.circuit.state,

@@ -170,7 +170,13 @@ async def test_two_reactors_hold_off_during_an_outage_and_both_resume(
             assert started_while_open == (0,)
             assert db.execute("SELECT count(*) FROM jobs WHERE status = 'processing'").fetchone() == (0,)
             await orch.start(port=port)
-            await wait_for(dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'", expect=lambda n: n == 30)
+            # each probes on its own schedule and lets a trial through once its probe answers
+            await until(lambda: OPEN not in (a.dispatcher.circuit.state, b.dispatcher.circuit.state))
+            db.execute(
+                "INSERT INTO jobs (job_type, payload) SELECT 'topic_short', jsonb_build_object('topic', 't' || g) "
+                "FROM generate_series(31, 60) g"
+            )
+            await wait_for(dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'", expect=lambda n: n == 60)
             assert a.dispatcher.circuit.state == CLOSED and b.dispatcher.circuit.state == CLOSED
         after = {
             r[0] for r in db.execute(
