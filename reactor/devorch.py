@@ -91,7 +91,9 @@ logger = logging.getLogger(__name__)
 #: The outcomes without a parameter; ``status:<code>`` comes on top of these.
 OUTCOME_NAMES: tuple[str, ...] = ("ok", "hang", "malformed", "garbage", "reset")
 
-_SETTING_KEYS = frozenset({"latency_ms", "jitter_ms", "mix", "retry_after_s", "health_status", "seed"})
+_SETTING_KEYS = frozenset(
+    {"latency_ms", "jitter_ms", "mix", "retry_after_s", "health_status", "seed", "video_base"}
+)
 _MARKER_RE = re.compile(r"\[\[\s*([A-Za-z_]+)\s*(?:=\s*([^\]]*?))?\s*\]\]")
 _MAX_HEADER_BYTES = 64 * 1024
 _MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -451,6 +453,7 @@ class OrchestratorDouble:
         self._mix_cum_weights: list[float] = [1.0]
         self._retry_after_s = 1.0
         self._health_status = 200
+        self._video_base: str | None = None
         self._seed: int | None = None
         self._rng = random.Random()
         self._jitter_rng = random.Random()
@@ -561,6 +564,11 @@ class OrchestratorDouble:
             if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
                 raise ValueError(f"health_status must be an HTTP status code, got {status!r}")
             new["health_status"] = status
+        if "video_base" in settings:
+            base = settings["video_base"]
+            if base is not None and (not isinstance(base, str) or not base.startswith(("http://", "https://"))):
+                raise ValueError(f"video_base must be an http(s) URL or null, got {base!r}")
+            new["video_base"] = base
         if "seed" in settings:
             seed = settings["seed"]
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -584,6 +592,8 @@ class OrchestratorDouble:
             for weight in mix.values():
                 total += weight
                 self._mix_cum_weights.append(total)
+        if "video_base" in new:
+            self._video_base = new["video_base"]
         if "seed" in new:
             self._reseed(new["seed"])
 
@@ -602,6 +612,7 @@ class OrchestratorDouble:
             "retry_after_s": self._retry_after_s,
             "health_status": self._health_status,
             "seed": self._seed,
+            "video_base": self._video_base,
         }
 
     # -- records -----------------------------------------------------------------------------
@@ -829,7 +840,8 @@ class OrchestratorDouble:
     def _render_response(self, outcome: str, job_id: Any, length: Any, elapsed_ms: int) -> _Response:
         if outcome == "ok":
             name = quote(str(job_id), safe="")
-            base = self.url
+            # where the video "is": this double by default, or video_base (a dead link, say)
+            base = (self._video_base or self.url).rstrip("/")
             if isinstance(length, int | float) and not isinstance(length, bool) and length > 0:
                 duration = float(length)
             else:
