@@ -58,15 +58,14 @@ class Database:
             max_size=max_size,
             kwargs=connect_kwargs(),
             configure=self._configure,
-            check=AsyncConnectionPool.check_connection,
             open=False,
             name="reactor",
         )
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # synchronous_commit off: a claim or an outcome lost in a database crash is recovered by
-        # the lease and the sweep (the job is rendered again), never corrupted; commits stop
-        # waiting for the WAL flush, which is most of a claim's latency on a real disk.
+        # synchronous_commit off for claims: a claim lost in a database crash is recovered by the
+        # lease (the video is rendered again), and pickup stops waiting for a WAL flush. Outcomes
+        # are made durable inside reactor.finish_and_claim().
         await conn.execute(
             "SELECT set_config('reactor.actor', %s, false), "
             "set_config('application_name', %s, false), "
@@ -149,6 +148,10 @@ class Database:
         one transaction. Returns (jobs swept, next wake-up times)."""
         async with self.pool.connection() as conn:
             async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                # the sweep's own actor: its changes are nobody's outcome, and its NOTIFY must wake
+                # this reactor's dispatcher too (which skips notices of its own claims and outcomes)
+                await cur.execute("SELECT set_config('reactor.actor', %s, true)",
+                                  (f"reactor:{self.reactor_id}:sweep",))
                 await cur.execute(self._q["sweep"], {"grace_s": grace_s, "orphan_s": orphan_s})
                 swept = await cur.fetchall()
                 await cur.execute(self._q["heartbeat"], {

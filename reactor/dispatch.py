@@ -148,6 +148,11 @@ class Dispatcher:
         self._check_lost = True
         self._want_claim()
 
+    def want_claim(self) -> None:
+        """Something may be claimable now (the sweep put jobs back, say)."""
+        self._due_dirty = True
+        self._want_claim()
+
     def _want_claim(self) -> None:
         self._claim_wanted = True
         self._want_gen += 1

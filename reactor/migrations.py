@@ -20,12 +20,33 @@ import psycopg
 from reactor.errors import MigrationError
 from reactor.sqlfiles import sql_dir
 
-__all__ = ["Migration", "applied_versions", "discover", "migrate_down", "migrate_up", "pending"]
+__all__ = [
+    "OPTIONAL_VERSIONS",
+    "Migration",
+    "applied_versions",
+    "discover",
+    "discover_optional",
+    "migrate_down",
+    "migrate_optional_down",
+    "migrate_optional_up",
+    "migrate_up",
+    "pending",
+]
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_KEY = 7_240_513_001  # pg_advisory_lock key shared by every `reactor migrate`
+
+#: Optional migrations (``sql/optional/<name>.sql`` and ``<name>.down.sql``): applied only when asked
+#: for (``reactor migrate --supabase``), recorded in reactor.schema_migrations under a version of their
+#: own above ``_OPTIONAL_BASE``, which the numbered migrations never reach. Each needs migration 1.
+OPTIONAL_VERSIONS: dict[str, int] = {"supabase": 1001}
+_OPTIONAL_BASE = 1000
+
+
+def _is_optional(version: int) -> bool:
+    return version > _OPTIONAL_BASE
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,8 @@ def migrate_up(dsn: str, migrations: list[Migration] | None = None) -> list[Migr
             by_version = {m.version: m for m in todo}
             for version, checksum in done.items():
                 m = by_version.get(version)
+                if m is None and _is_optional(version):
+                    continue  # an optional migration: `reactor migrate --<name>` looks after it
                 if m is None:
                     raise MigrationError(
                         f"the database is at migration {version}, newer than this reactor knows "
@@ -134,6 +157,12 @@ def migrate_down(dsn: str, to_version: int = 0, migrations: list[Migration] | No
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
             done = applied_versions(conn)
+            if to_version < 1:  # the optional migrations stand on migration 1: they go first
+                optional = discover_optional()
+                for m in sorted(optional.values(), key=lambda m: m.version, reverse=True):
+                    if m.version in done:
+                        _roll_back(conn, m)
+                        undone.append(m)
             for m in sorted(todo, key=lambda m: m.version, reverse=True):
                 if m.version not in done or m.version <= to_version:
                     continue
@@ -153,3 +182,104 @@ def migrate_down(dsn: str, to_version: int = 0, migrations: list[Migration] | No
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return undone
+
+
+# -- optional migrations ---------------------------------------------------------------------------
+
+
+def discover_optional(root: Path | None = None) -> dict[str, Migration]:
+    """The optional migrations shipped with this version, by name."""
+    base = (root or sql_dir()) / "optional"
+    found: dict[str, Migration] = {}
+    for name, version in OPTIONAL_VERSIONS.items():
+        up = base / f"{name}.sql"
+        if up.exists():
+            down = base / f"{name}.down.sql"
+            found[name] = Migration(version, name, up, down if down.exists() else None)
+    return found
+
+
+def _optional(name: str) -> Migration:
+    found = discover_optional()
+    if name not in found:
+        raise MigrationError(
+            f"the optional migration {name!r} is not installed (looked for {sql_dir() / 'optional' / name}.sql)"
+        )
+    return found[name]
+
+
+def _roll_back(conn: psycopg.Connection[Any], m: Migration) -> None:
+    if m.down is None:
+        raise MigrationError(f"migration {m.up.name} has no rollback file")
+    logger.info("rolling back migration %s", m.up.name)
+    try:
+        with conn.transaction():
+            conn.execute(m.down.read_text().encode())
+            if applied_versions(conn):
+                conn.execute("DELETE FROM reactor.schema_migrations WHERE version = %s", (m.version,))
+    except psycopg.Error as exc:
+        raise MigrationError(f"rollback of {m.up.name} failed: {exc}") from exc
+
+
+def migrate_optional_up(dsn: str, name: str) -> Migration | None:
+    """Apply the optional migration ``name`` (in one transaction) unless it is applied already.
+
+    Needs migration 1. Returns the migration when it was applied now, None when it already was.
+    """
+    m = _optional(name)
+    with _connect(dsn) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            done = applied_versions(conn)
+            if 1 not in done:
+                raise MigrationError(f"{m.up.name} goes on top of the numbered migrations: run `reactor migrate` first")
+            if m.version in done:
+                checksum = done[m.version]
+                if checksum is not None and checksum != m.checksum:
+                    raise MigrationError(
+                        f"optional migration {m.up.name} was edited after it was applied: "
+                        "released migrations must not change; add a new one instead"
+                    )
+                if checksum is None:
+                    conn.execute(
+                        "UPDATE reactor.schema_migrations SET checksum = %s WHERE version = %s",
+                        (m.checksum, m.version),
+                    )
+                return None
+            logger.info("applying optional migration %s", m.up.name)
+            try:
+                with conn.transaction():
+                    conn.execute(m.up.read_text().encode())
+                    conn.execute(
+                        "INSERT INTO reactor.schema_migrations (version, name, checksum) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (version) DO UPDATE "
+                        "SET checksum = EXCLUDED.checksum",
+                        (m.version, m.name, m.checksum),
+                    )
+            except psycopg.Error as exc:
+                raise MigrationError(f"optional migration {m.up.name} failed: {_primary(exc)}") from exc
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return m
+
+
+def migrate_optional_down(dsn: str, name: str) -> Migration | None:
+    """Roll back the optional migration ``name``; None when it was not applied."""
+    m = _optional(name)
+    with _connect(dsn) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            if m.version not in applied_versions(conn):
+                return None
+            _roll_back(conn, m)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return m
+
+
+def _primary(exc: psycopg.Error) -> str:
+    """The server's message and hint, without psycopg's context lines."""
+    diag = exc.diag
+    if diag.message_primary is None:
+        return str(exc)
+    return diag.message_primary + (f" ({diag.message_hint})" if diag.message_hint else "")

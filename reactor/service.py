@@ -20,10 +20,14 @@ from datetime import datetime
 import anyio
 from anyio.abc import TaskStatus
 
+from reactor.alerts import Alerts, AlertSettings
 from reactor.db import TRANSIENT_ERRORS, Database
 from reactor.dispatch import Dispatcher, DispatchSettings
-from reactor.listener import Listener
+from reactor.feed import Feed, FeedSettings
+from reactor.listener import Listener, Notice
+from reactor.metrics import Metrics
 from reactor.render import RenderClient
+from reactor.systemd import Notifier, Supervisor, describe
 
 __all__ = ["Service", "ServiceSettings", "new_reactor_id"]
 
@@ -47,6 +51,12 @@ class ServiceSettings:
     listener_idle_check_s: float = 60.0
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     handle_signals: bool = True
+    #: the live feed and HTTP probes (``--listen``); None: not served
+    feed: FeedSettings | None = None
+    #: the fleet's alerts, evaluated here (reactor/alerts.py)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener is down this long
+    listener_grace_s: float = 120.0
 
 
 class Service:
@@ -61,10 +71,26 @@ class Service:
             self.dispatcher.clock = clock
         self.listener = Listener(
             settings.dsn,
-            on_notice=self.dispatcher.on_notice,
+            on_notice=self._on_notice,
             on_connect=self._on_listener_connect,
             idle_check_s=settings.listener_idle_check_s,
         )
+        self.metrics = Metrics(actor=f"reactor:{settings.reactor_id}")
+        self.metrics.watch(listener_connected=lambda: self.listener.connected,
+                           listener_reconnects=lambda: self.listener.reconnects)
+        self.feed: Feed | None = None
+        if settings.feed is not None:
+            self.feed = Feed(settings.feed, settings.dsn, metrics=self.metrics,
+                             listener_connected=lambda: self.listener.connected,
+                             stopping=lambda: self.stopping)
+        self.alerts: Alerts | None = None
+        if settings.alerts.enabled:
+            self.alerts = Alerts(settings.alerts, self.db.pool, settings.reactor_id,
+                                 local_circuit=lambda: self.dispatcher.circuit.state,
+                                 listener_connected=lambda: self.listener.connected)
+        self.systemd = Supervisor(Notifier.from_environ(), status=self._systemd_status,
+                                  listener_connected=lambda: self.listener.connected,
+                                  feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)
         self.ready = anyio.Event()
         self.stopping = False
         self._sweep_wake = anyio.Event()
@@ -75,9 +101,30 @@ class Service:
     def reactor_id(self) -> str:
         return self.settings.reactor_id
 
+    def _on_notice(self, notice: Notice) -> None:
+        self.dispatcher.on_notice(notice)
+        if self.feed is not None:
+            self.feed.on_notice(notice)
+        if self.alerts is not None:
+            self.alerts.poke()
+
     def _on_listener_connect(self) -> None:
         self.dispatcher.on_connect()
+        if self.feed is not None:
+            self.feed.on_connect()
+        if self.alerts is not None:
+            self.alerts.poke()
         self._sweep_wake.set()
+
+    def _systemd_status(self) -> str:
+        return describe(stopping=self.stopping, inflight=len(self.dispatcher.inflight),
+                        circuit=self.dispatcher.circuit.state,
+                        firing=self.alerts.firing if self.alerts is not None else ())
+
+    def _feed_address(self) -> tuple[str, int] | None:
+        if self.feed is None or self.feed.port is None:
+            return None
+        return self.feed.settings.host, self.feed.port
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -93,14 +140,20 @@ class Service:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.dispatcher.run)
                 await tg.start(self.listener.run)
+                if self.feed is not None:
+                    await tg.start(self.feed.run)
                 tg.start_soon(self._sweeper)
                 if self.settings.handle_signals:
                     tg.start_soon(self._signals)
+                if self.alerts is not None:
+                    await tg.start(self.alerts.run)
+                await tg.start(self.systemd.run)  # READY=1 (feed port checked), then WATCHDOG=1
                 self.ready.set()
                 task_status.started()
                 logger.info("reactor ready", extra={"reactor": self.reactor_id})
                 await self._stop_requested.wait()
                 self.stopping = True
+                self.systemd.stopping(self._systemd_status())
                 logger.info("stopping: no new jobs; waiting for renders in flight",
                             extra={"inflight": len(self.dispatcher.inflight)})
                 await self.dispatcher.drain()
@@ -117,6 +170,7 @@ class Service:
             logger.warning("could not unregister: %s", exc)
         await self.render_client.aclose()
         await self.db.close()
+        self.systemd.notifier.close()
         logger.info("reactor stopped", extra={"reactor": self.reactor_id, **vars(self.dispatcher.stats)})
 
     async def _signals(self) -> None:
@@ -140,8 +194,11 @@ class Service:
                 logger.warning("sweep failed: %s", exc)
                 swept, wakeups = [], {}
                 next_at = time.monotonic() + min(5.0, s.sweep_every_s)
+            if swept:
+                self.dispatcher.want_claim()
             for row in swept:
                 self.swept_total += 1
+                self.metrics.sweep_recovered(str(row["reason"]))
                 logger.warning(
                     "job taken back by the sweep",
                     extra={"job_id": str(row["id"]), "status": row["status"], "reason": row["reason"],

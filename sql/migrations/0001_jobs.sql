@@ -436,11 +436,16 @@ COMMENT ON VIEW public.job_events IS
     'reprioritized, deleted. seq increases without gaps in commit order; rows older than '
     'job_queue_config.event_retention are pruned by the reactor''s sweep.';
 
--- Who made a change: the reactor sets reactor.actor for its own writes; anything else is the
--- database role that ran the statement.
+-- Who made a change: the reactor (and its CLI and feed) set reactor.actor for their own writes; a
+-- request through PostgREST is its JWT's subject; anything else is the database role that logged in.
 CREATE FUNCTION reactor.current_actor() RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(nullif(current_setting('reactor.actor', true), ''), 'sql:' || session_user)
+    SELECT coalesce(
+        nullif(current_setting('reactor.actor', true), ''),
+        'user:' || nullif(coalesce(
+            nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+            current_setting('request.jwt.claim.sub', true)), ''),
+        'sql:' || session_user)
 $$;
 
 CREATE FUNCTION reactor.stage_inserts() RETURNS trigger
@@ -787,7 +792,7 @@ BEGIN
     ), upd AS (
         UPDATE reactor.jobs j
            SET status = 'processing', attempt = j.attempt + 1, locked_by = p_reactor,
-               lease_expires_at = now() + p_lease, error_message = NULL
+               lease_expires_at = now() + p_lease
           FROM pick WHERE j.id = pick.id
         RETURNING j.*
     )
@@ -810,6 +815,9 @@ RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload j
 LANGUAGE plpgsql AS $$
 BEGIN
     IF jsonb_array_length(p_batch) > 0 THEN
+        -- outcomes are durable even where the session commits asynchronously (claims may be
+        -- lost in a crash and are then recovered by the lease; a completion a student saw must not)
+        PERFORM set_config('synchronous_commit', 'on', true);
         RETURN QUERY
         WITH f AS (
             UPDATE reactor.jobs j

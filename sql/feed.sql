@@ -1,0 +1,101 @@
+-- Named queries of the live feed (reactor/feed.py). Parameters are %(name)s. Read-only.
+
+-- name: feed_ping
+SELECT 1
+
+-- name: feed_bounds
+-- the oldest event still kept (NULL: none kept) and the newest seq ever given
+SELECT (SELECT min(e.seq) FROM reactor.events e) AS oldest, c.last_seq
+  FROM reactor.counters c
+
+-- name: feed_events
+-- events after a seq, in order, with what the feed and the metrics add: the job's video on
+-- completion, its creation and start times (for wait and run times).
+SELECT e.seq, e.job_id, e.kind, e.status, e.old_status, e.priority, e.job_type, e.renderer,
+       e.user_id, e.retry_count, e.error_category, e.actor, e.at,
+       CASE WHEN e.kind = 'completed' THEN j.result->>'video_url' END AS video_url,
+       j.created_at, j.started_at
+  FROM reactor.events e
+  LEFT JOIN reactor.jobs j ON j.id = e.job_id AND e.kind IN ('started', 'completed', 'failed', 'retrying')
+ WHERE e.seq > %(after)s AND e.seq <= %(upto)s
+   AND (%(user_id)s::uuid IS NULL OR e.user_id = %(user_id)s::uuid)
+ ORDER BY e.seq
+ LIMIT %(limit)s
+
+-- name: feed_stats
+SELECT * FROM public.get_queue_stats()
+
+-- name: feed_recent_jobs
+SELECT j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_count, j.max_retries,
+       j.error_category, j.error_message, j.created_at, j.updated_at, j.started_at, j.completed_at,
+       CASE WHEN j.status = 'completed' THEN j.result->>'video_url' END AS video_url
+  FROM reactor.jobs j
+ ORDER BY j.created_at DESC
+ LIMIT %(limit)s
+
+-- name: feed_queue_head
+-- the head of the queue in claim order, numbered: two ordered index scans merged (one per
+-- partial index), so a deep queue is not sorted
+SELECT q.*, row_number() OVER (ORDER BY q.priority_rank, q.created_at, q.job_no) AS queue_position
+  FROM ((SELECT j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_count,
+                j.max_retries, j.error_category, j.error_message, j.created_at, j.updated_at,
+                j.started_at, j.completed_at, NULL::text AS video_url,
+                j.priority_rank, j.job_no
+           FROM reactor.jobs j
+          WHERE j.status = 'queued' AND j.renderer = 'manim'
+          ORDER BY j.priority_rank, j.created_at, j.job_no
+          LIMIT %(limit)s)
+        UNION ALL
+        (SELECT j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_count,
+                j.max_retries, j.error_category, j.error_message, j.created_at, j.updated_at,
+                j.started_at, j.completed_at, NULL::text AS video_url,
+                j.priority_rank, j.job_no
+           FROM reactor.jobs j
+          WHERE j.status = 'queued' AND j.renderer <> 'manim'
+          ORDER BY j.priority_rank, j.created_at, j.job_no
+          LIMIT %(limit)s)) q
+ ORDER BY q.priority_rank, q.created_at, q.job_no
+ LIMIT %(limit)s
+
+-- name: feed_user_jobs
+-- one user's most recent jobs, with the live position of the queued ones
+SELECT j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_count, j.max_retries,
+       j.error_category, j.error_message, j.created_at, j.updated_at, j.started_at, j.completed_at,
+       CASE WHEN j.status = 'completed' THEN j.result->>'video_url' END AS video_url,
+       j.queue_position
+  FROM public.jobs j
+ WHERE j.user_id = %(user_id)s
+ ORDER BY j.created_at DESC
+ LIMIT %(limit)s
+
+-- name: feed_user_queue
+-- one user's queued jobs, in claim order, with their live positions
+SELECT j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_count, j.max_retries,
+       j.error_category, j.error_message, j.created_at, j.updated_at, j.started_at, j.completed_at,
+       NULL::text AS video_url,
+       j.queue_position
+  FROM public.jobs j
+ WHERE j.user_id = %(user_id)s AND j.status = 'queued'
+ ORDER BY j.queue_position
+ LIMIT %(limit)s
+
+-- name: feed_positions
+SELECT j.id, j.queue_position
+  FROM public.jobs j
+ WHERE j.id = ANY(%(ids)s::uuid[]) AND j.status = 'queued'
+
+-- name: feed_metrics
+SELECT c.last_seq, c.queued, c.processing, c.completed, c.failed, c.cancelled,
+       c.queued_high, c.queued_medium, c.queued_low,
+       coalesce(extract(epoch FROM now() - o.at), 0)::double precision AS oldest_queued_age_seconds,
+       pg_notification_queue_usage() AS notification_queue_usage
+  FROM reactor.counters c,
+       LATERAL (SELECT min(m.created_at) AS at
+                  FROM (VALUES (0::smallint), (1::smallint), (2::smallint)) r(rank),
+                  LATERAL ((SELECT j.created_at FROM reactor.jobs j
+                             WHERE j.status = 'queued' AND j.renderer = 'manim' AND j.priority_rank = r.rank
+                             ORDER BY j.created_at LIMIT 1)
+                           UNION ALL
+                           (SELECT j.created_at FROM reactor.jobs j
+                             WHERE j.status = 'queued' AND j.renderer <> 'manim' AND j.priority_rank = r.rank
+                             ORDER BY j.created_at LIMIT 1)) m) o
