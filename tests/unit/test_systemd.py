@@ -6,6 +6,7 @@ import itertools
 import os
 import secrets
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -156,8 +157,8 @@ async def test_ready_then_pings_at_half_the_watchdog_and_none_while_the_loop_is_
     after = [t for t in pings if t >= end - 0.05]
     assert during == [], f"pings while the loop was blocked: {during} (block {start:.2f}-{end:.2f})"
     gaps = [b - a for a, b in itertools.pairwise(before)]
-    assert 3 <= len(before) <= 6, before
-    assert all(0.35 <= g <= 1.0 for g in gaps), gaps
+    assert 2 <= len(before) <= 6, before
+    assert 0.4 <= statistics.median(gaps) <= 0.8 and max(gaps) <= 1.5, gaps
     assert len(after) >= 2, f"pings did not resume after the block: {after}"
 
 
