@@ -688,8 +688,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start from an empty database")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("smoke", help="after a deploy: one job submitted as users do, followed to a reachable "
+                                     "video (exit 1 naming the failed step)")
+    _add_dsn(p)
+    p.add_argument("--rest-url", help="submit through PostgREST at this base URL instead of SQL")
+    p.add_argument("--rest-key", help="PostgREST key (apikey and Bearer) ($REACTOR_REST_KEY)")
+    p.add_argument("--type", dest="job_type", default="topic_short", help="job type (default topic_short)")
+    p.add_argument("--input", default="reactor smoke test", help="the text to render")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for completion (default 90)")
+    p.add_argument("--max-retries", type=int, default=0,
+                   help="retries the smoke job may spend (default 0: report the first failure)")
+    p.set_defaults(func=_cmd_smoke)
+
     _add_ops_commands(sub)
     return parser
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    import os
+
+    from reactor.smoke import SmokeFailed, SmokeSettings, run_smoke
+
+    rest_key = args.rest_key or os.environ.get("REACTOR_REST_KEY")
+    dsn = None if args.rest_url else resolve_dsn(args.dsn)
+    settings = SmokeSettings(
+        dsn=dsn, rest_url=args.rest_url, rest_key=rest_key, job_type=args.job_type, input_text=args.input,
+        timeout_s=args.timeout, max_retries=args.max_retries,
+        print_fn=lambda line: print(line, flush=True),  # noqa: T201
+    )
+    try:
+        summary = run_smoke(settings)
+    except SmokeFailed as exc:
+        print(f"FAIL  {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    print(f"smoke test passed in {summary['seconds']:.2f} s (job {summary['job_id']})")  # noqa: T201
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

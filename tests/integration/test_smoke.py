@@ -65,3 +65,21 @@ async def test_smoke_times_out_and_cancels_when_no_reactor_runs(dsn: str, db: ps
     assert info.value.step == "wait for completion"
     assert "cancelled" in info.value.reason
     assert db.execute("SELECT status FROM jobs").fetchone() == ("cancelled",)
+
+
+async def test_smoke_command_exit_codes(dsn: str, db: psycopg.Connection[Any]) -> None:
+    """The CLI as a real process: 0 when the job goes through, 1 naming the step when it does not."""
+    import subprocess
+    import sys
+
+    async with OrchestratorDouble() as orch, running_reactor(dsn, orch.url):
+        ok = await anyio.run_process(
+            [sys.executable, "-m", "reactor", "smoke", "--dsn", dsn, "--timeout", "30"], check=False)
+        orch.configure(mix={"status:422": 1})
+        bad = await anyio.run_process(
+            [sys.executable, "-m", "reactor", "smoke", "--dsn", dsn, "--timeout", "30"], check=False,
+            stderr=subprocess.PIPE)
+    assert ok.returncode == 0, ok.stdout.decode() + (ok.stderr or b"").decode()
+    assert b"smoke test passed" in ok.stdout
+    assert bad.returncode == 1
+    assert b"step 'wait for completion' failed" in bad.stderr and b"INVALID_INPUT" in bad.stderr
