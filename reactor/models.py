@@ -31,10 +31,10 @@ class ClaimedJob:
     timeout_minutes: int
 
 
-class RenderRequest(BaseModel):
-    """Body of ``POST {orchestrator}/render``."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class RenderRequest:
+    """Body of ``POST {orchestrator}/render``. Built (and checked) by ``policy.build_request``;
+    a plain dataclass because it is made once per attempt on the hot path."""
 
     job_id: UUID
     job_type: str
@@ -42,6 +42,10 @@ class RenderRequest(BaseModel):
     style: str
     length: str
     voice: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"job_id": str(self.job_id), "job_type": self.job_type, "input": self.input,
+                "style": self.style, "length": self.length, "voice": self.voice}
 
 
 class RenderResult(BaseModel):

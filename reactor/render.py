@@ -55,19 +55,21 @@ class RenderClient:
             self._session = None
 
     async def render(self, request: RenderRequest, timeout_s: float) -> RenderResult:
-        body = request.model_dump(mode="json")
+        body = request.to_json()
+        # the deadline is aiohttp's own total timeout (one timer per call, cheaper than a cancel
+        # scope): when it passes the request is cancelled and its connection closed
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout)
         try:
-            with anyio.fail_after(timeout_s):
-                async with self._client().post(f"{self.base_url}/render", json=body) as response:
-                    text = await response.text()
-                    status = response.status
-                    retry_after_header = response.headers.get("retry-after")
+            async with self._client().post(f"{self.base_url}/render", json=body, timeout=timeout) as response:
+                text = await response.text()
+                status = response.status
+                retry_after_header = response.headers.get("retry-after")
+        except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
+            raise _transport_error("connecting to the orchestrator timed out") from exc
         except TimeoutError as exc:
             raise RenderError("TIMEOUT", f"no answer within the deadline of {timeout_s:g} s") from exc
         except aiohttp.ClientConnectorError as exc:
             raise _transport_error(f"cannot connect to the orchestrator: {exc}") from exc
-        except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
-            raise _transport_error("connecting to the orchestrator timed out") from exc
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
             raise _transport_error(f"connection reset by the orchestrator: {exc!r}") from exc
         except aiohttp.ClientError as exc:
