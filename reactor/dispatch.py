@@ -160,6 +160,8 @@ class Dispatcher:
 
     def on_notice(self, notice: Notice) -> None:
         p = notice.payload
+        if notice.channel not in ("reactor_events", "reactor_config"):
+            return  # alerts and circuit states are for the feed
         if notice.channel == "reactor_config" or p.get("truncated"):
             self._want_claim()
             return

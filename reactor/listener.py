@@ -25,7 +25,8 @@ __all__ = ["CHANNELS", "Listener", "Notice"]
 
 logger = logging.getLogger(__name__)
 
-CHANNELS = ("reactor_events", "reactor_config")
+#: job events and config changes (dispatch and feed), alert transitions and circuit states (feed)
+CHANNELS = ("reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet")
 
 
 @dataclass(frozen=True)

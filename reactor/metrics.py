@@ -7,9 +7,9 @@ per-job or per-user labels. Two kinds of figures:
   aggregate with ``max``, not ``sum``): jobs by status and queued jobs by priority (from
   ``reactor.counters``), the age of the oldest queued job, NOTIFY queue usage;
 * what this reactor did, counted from the events it reads for the feed, keeping those whose
-  ``actor`` is this reactor (sum them across reactors): jobs finished by outcome and error
-  category, retries, first-attempt wait and per-attempt run times; plus sweep recoveries, listener
-  reconnects and feed clients.
+  ``actor`` is this reactor or its sweep (sum them across reactors): jobs finished by outcome and
+  error category, retries, first-attempt wait and per-attempt run times; plus sweep recoveries,
+  listener reconnects and feed clients.
 
 Wait time is ``started - created`` of a job's first attempt; run time is from the attempt's start
 to the event that ended it (completed, failed, or retrying). Both are read with the event (a join
@@ -43,6 +43,7 @@ class Metrics:
 
     def __init__(self, actor: str) -> None:
         self.actor = actor
+        self._actors = {actor, f"{actor}:sweep"}  # its dispatcher's writes, and its sweep's
         self.registry = CollectorRegistry()
         r = self.registry
         self.job_wait = Histogram(
@@ -71,6 +72,7 @@ class Metrics:
         self.jobs_finished.labels("completed", "none")
         for category in _CATEGORIES:
             self.jobs_finished.labels("failed", category)
+        for category in ("TIMEOUT", "API_ERROR", "UNKNOWN"):  # the retried ones
             self.retries.labels(category)
         ProcessCollector(namespace="reactor", registry=r)
         self._live = _LiveCollector()
@@ -80,7 +82,7 @@ class Metrics:
 
     def observe_event(self, ev: Mapping[str, Any]) -> None:
         """One row of ``reactor.events`` with the job's ``created_at`` and ``started_at`` joined."""
-        if ev.get("actor") != self.actor:
+        if ev.get("actor") not in self._actors:
             return
         kind = ev.get("kind")
         at = ev.get("at")
@@ -104,12 +106,24 @@ class Metrics:
     def watch(
         self, *, listener_connected: Callable[[], bool] | None = None,
         listener_reconnects: Callable[[], int] | None = None,
+        circuit: Callable[[], tuple[str, int]] | None = None,
+        alerts_firing: Callable[[], Iterable[str]] | None = None,
+        alert_names: Iterable[str] = (),
     ) -> None:
-        """Figures read from the process at scrape time."""
+        """Figures read from the process at scrape time.
+
+        ``circuit`` gives this reactor's circuit state and how many transitions it made;
+        ``alerts_firing`` the alerts firing as of this reactor's last evaluation.
+        """
         if listener_connected is not None:
             self._live.listener_connected = listener_connected
         if listener_reconnects is not None:
             self._live.listener_reconnects = listener_reconnects
+        if circuit is not None:
+            self._live.circuit = circuit
+        if alerts_firing is not None:
+            self._live.alerts_firing = alerts_firing
+            self._live.alert_names = tuple(alert_names)
 
     def update_database(self, row: Mapping[str, Any] | None) -> None:
         """The database figures of this scrape (``feed_metrics`` of sql/feed.sql), None if unreadable."""
@@ -124,6 +138,9 @@ class _LiveCollector:
         self.db: dict[str, Any] | None = None
         self.listener_connected: Callable[[], bool] | None = None
         self.listener_reconnects: Callable[[], int] | None = None
+        self.circuit: Callable[[], tuple[str, int]] | None = None
+        self.alerts_firing: Callable[[], Iterable[str]] | None = None
+        self.alert_names: tuple[str, ...] = ()
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("reactor_database_up", "1 if the last scrape could read the database.")
@@ -158,6 +175,29 @@ class _LiveCollector:
                 "reactor_listener_reconnects", "Times the LISTEN connection was re-established.")
             reconnects.add_metric([], float(self.listener_reconnects()))
             yield reconnects
+        if self.circuit is not None:
+            state, transitions = self.circuit()
+            open_ = GaugeMetricFamily(
+                "reactor_circuit_open", "1 while this reactor's circuit to the orchestrator is open or half-open.")
+            open_.add_metric([], 0.0 if state == "closed" else 1.0)
+            yield open_
+            states = GaugeMetricFamily(
+                "reactor_circuit_state", "This reactor's circuit state (1 for the current one).", labels=["state"])
+            for name in ("closed", "open", "half_open"):
+                states.add_metric([name], 1.0 if state == name else 0.0)
+            yield states
+            moved = CounterMetricFamily(
+                "reactor_circuit_transitions", "Circuit state changes of this reactor.")
+            moved.add_metric([], float(transitions))
+            yield moved
+        if self.alerts_firing is not None:
+            firing = set(self.alerts_firing())
+            alerts = GaugeMetricFamily(
+                "reactor_alerts_firing", "1 for each alert firing (as of this reactor's last evaluation).",
+                labels=["alert"])
+            for name in sorted(set(self.alert_names) | firing):
+                alerts.add_metric([name], 1.0 if name in firing else 0.0)
+            yield alerts
 
 
 def _observe_between(target: Histogram, start: object, end: object) -> None:

@@ -1,6 +1,7 @@
 """The running reactor: one task group owns the listener, the dispatcher and the sweep.
 
-Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), sweep; then ready.
+Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), the feed and probes
+(with ``--listen``: port bound), sweep; then ready.
 SIGTERM (or SIGINT) drains: stop claiming, let renders finish within the grace period, abort and
 return the rest to the queue without spending a retry, exit 0. A second signal aborts at once.
 """
@@ -20,6 +21,7 @@ from datetime import datetime
 import anyio
 from anyio.abc import TaskStatus
 
+from reactor.alerts import ALERTS as ALERT_NAMES
 from reactor.alerts import Alerts, AlertSettings
 from reactor.db import TRANSIENT_ERRORS, Database
 from reactor.dispatch import Dispatcher, DispatchSettings
@@ -77,7 +79,9 @@ class Service:
         )
         self.metrics = Metrics(actor=f"reactor:{settings.reactor_id}")
         self.metrics.watch(listener_connected=lambda: self.listener.connected,
-                           listener_reconnects=lambda: self.listener.reconnects)
+                           listener_reconnects=lambda: self.listener.reconnects,
+                           circuit=lambda: (self.dispatcher.circuit.state,
+                                            len(self.dispatcher.circuit.transitions)))
         self.feed: Feed | None = None
         if settings.feed is not None:
             self.feed = Feed(settings.feed, settings.dsn, metrics=self.metrics,
@@ -88,6 +92,9 @@ class Service:
             self.alerts = Alerts(settings.alerts, self.db.pool, settings.reactor_id,
                                  local_circuit=lambda: self.dispatcher.circuit.state,
                                  listener_connected=lambda: self.listener.connected)
+        if self.alerts is not None:
+            alerts = self.alerts
+            self.metrics.watch(alerts_firing=lambda: alerts.firing, alert_names=ALERT_NAMES)
         self.systemd = Supervisor(Notifier.from_environ(), status=self._systemd_status,
                                   listener_connected=lambda: self.listener.connected,
                                   feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)
