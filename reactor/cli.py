@@ -91,6 +91,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser Origin allowed to connect (repeatable; default: any)")
     g.add_argument("--max-clients", type=int, default=1000, help="feed connections at most (more: HTTP 503)")
+    g.add_argument("--tls-cert", metavar="PEM", help="serve https/wss: certificate chain ($REACTOR_TLS_CERT)")
+    g.add_argument("--tls-key", metavar="PEM", help="serve https/wss: private key ($REACTOR_TLS_KEY)")
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -118,9 +120,14 @@ def _feed_settings(args: argparse.Namespace) -> object:
     auth = AuthSettings(
         jwt_secret=os.environ.get("REACTOR_JWT_SECRET") or None, jwks=args.jwks, audience=args.jwt_audience,
     )
+    from reactor.feed import tls_context
+
+    cert = args.tls_cert or os.environ.get("REACTOR_TLS_CERT") or None
+    key = args.tls_key or os.environ.get("REACTOR_TLS_KEY") or None
+    tls_context(cert, key)  # fail now, with a clear message, on a missing or unreadable file
     return FeedSettings(
         auth=auth, host=host, port=port, allowed_origins=tuple(args.allowed_origin),
-        max_clients=args.max_clients,
+        max_clients=args.max_clients, tls_cert=cert, tls_key=key,
     )
 
 

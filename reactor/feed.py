@@ -20,9 +20,10 @@ Protocol (every message is a JSON object with a ``type``; see README, "Live feed
 
 How events flow: the listener's NOTIFY only wakes the pump, which reads ``reactor.events`` after
 the last seq it holds (seq is gapless and committed in order, so that read is exact) into a ring
-of the last ``max_lag`` events and writes them out in rounds, at most one every
-``flush_interval_s``. A client that keeps up (its write buffer below ``write_buffer_bytes``) gets
-the round's frames in one write, serialised once for all; one that falls behind is served by its
+of the last ``max_lag`` events and writes them out in rounds, paced so that writing takes at most
+``fanout_share`` of the event loop (events arriving meanwhile go out together in the next round).
+A client that keeps up (its write buffer below ``write_buffer_bytes``) gets the round's frames in
+one write, serialised once for all; one that falls behind is served by its
 own task from the ring with ordinary backpressured sends, and is closed with 1013 "too slow" once
 the ring no longer holds the next event it needs. A (re)connecting client catches up from the
 database first. Nothing waits on a slow client but that client.
@@ -30,9 +31,12 @@ database first. Nothing waits on a slow client but that client.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -54,10 +58,12 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 
+from reactor import dashboard
 from reactor.auth import Authenticator, AuthError, AuthSettings, Principal, load_jwks
 from reactor.db import TRANSIENT_ERRORS, connect_kwargs
+from reactor.errors import ConfigError
 from reactor.listener import Notice
 from reactor.metrics import CONTENT_TYPE, Metrics
 from reactor.sqlfiles import load_queries
@@ -102,8 +108,8 @@ class FeedSettings:
     #: rounds of writes start at least this far apart (events arriving meanwhile go out together)...
     flush_interval_s: float = 0.005
     #: ...and far enough apart that writing them takes at most this share of the event loop's time
-    #: (1,000 clients: a round of ~10 ms, so one every ~20 ms); the dispatcher keeps the rest
-    fanout_share: float = 0.2
+    #: (1,000 local clients: ~16 ms of CPU a round, so one every ~30 ms); the dispatcher keeps the rest
+    fanout_share: float = 0.5
     stats_interval_s: float = 1.0
     position_interval_s: float = 0.5
     #: events kept in memory; a client further behind than this is closed as too slow
@@ -120,6 +126,31 @@ class FeedSettings:
     #: admins share a snapshot taken this recently (a reconnect storm costs one query)
     snapshot_cache_s: float = 1.0
     pool_size: int = 4
+    #: serve https/wss with this certificate chain and key (PEM); None: plain http/ws
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A server TLS context from PEM files (TLS 1.2 or newer), or None for plain HTTP."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from exc
+    return ctx
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def http_response(
@@ -267,11 +298,15 @@ class _Client:
     pending_heartbeat: bool = False
     #: a user's queued jobs and the position last sent for each
     queued: dict[UUID, int | None] = field(default_factory=dict)
-    #: principal.admin, read once per client per round (an identity never changes on a connection)
+    # read once per client per round by the pump: kept at hand (an identity never changes)
     is_admin: bool = field(init=False)
+    transport: asyncio.Transport = field(init=False)
+    protocol: Protocol = field(init=False)
 
     def __post_init__(self) -> None:
         self.is_admin = self.principal.admin
+        self.transport = self.ws.transport
+        self.protocol = self.ws.protocol
 
     @property
     def admin(self) -> bool:
@@ -382,6 +417,9 @@ class Feed:
         self.routes: dict[str, HttpHandler] = {
             "/livez": self._livez, "/readyz": self._readyz, "/metrics": self._metrics,
         }
+        # the admin dashboard: its page at /, and its requests on the feed (reactor/dashboard.py)
+        self.routes.update(dashboard.static_routes())
+        self._requests = dashboard.Requests(dsn, self._store.pool)
         self.port: int | None = None
         self._server: Server | None = None
         self._ring = _Ring(settings.max_lag, 0)
@@ -401,7 +439,8 @@ class Feed:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.settings.host}:{self.port}{FEED_PATH}"
+        scheme = "wss" if self.settings.tls_cert else "ws"
+        return f"{scheme}://{self.settings.host}:{self.port}{FEED_PATH}"
 
     @property
     def clients(self) -> int:
@@ -416,6 +455,10 @@ class Feed:
     # -- wake-ups from the listener ------------------------------------------------------------
 
     def on_notice(self, notice: Notice) -> None:
+        forward = dashboard.notice_message(notice)  # alerts and circuit changes: to admins, now
+        if forward is not None:
+            self._to_admins(forward)
+            return
         if notice.channel == "reactor_config":
             self._stats_wake.set()
             return
@@ -426,6 +469,14 @@ class Feed:
         seq = notice.payload.get("seq")
         if not isinstance(seq, int) or seq > self._ring.last:
             self._pump_wake.set()
+
+    def _to_admins(self, payload: bytes) -> None:
+        """A message for every admin that keeps up (one behind misses it: the dashboard re-reads
+        the same state with a ``status`` request at each heartbeat)."""
+        frame = _frame(payload)
+        for c in list(self._clients):
+            if c.admin and not c.lagging:
+                self._write_now(c, frame)
 
     def on_connect(self) -> None:
         """The listener (re)connected: read whatever was committed meanwhile."""
@@ -443,8 +494,13 @@ class Feed:
             [bounds] = await self._store.rows("feed_bounds")
             self._ring.reset(int(bounds["last_seq"]))
             self._delivered = self._ring.last
+            tls = tls_context(s.tls_cert, s.tls_key)
+            if tls is None and not _loopback(s.host):
+                logger.warning(
+                    "serving plain HTTP on %s: tokens and job data travel unencrypted; use --tls-cert and "
+                    "--tls-key, or terminate TLS in a reverse proxy (deploy/nginx-reactor.conf)", s.host)
             server = await serve(
-                self._handler, s.host, s.port,
+                self._handler, s.host, s.port, ssl=tls,
                 process_request=self._process_request,
                 compression=None,  # frames are written once for all clients; deflate is per client
                 max_size=s.max_message_bytes, max_queue=4, write_limit=s.write_buffer_bytes,
@@ -608,6 +664,9 @@ class Feed:
                 except _Refused as exc:
                     c.close(exc.code, exc.reason, exc.metric)
                     return
+                if msg.get("type") in dashboard.REQUEST_TYPES:  # the dashboard's job, status, action
+                    await c.ws.send(await self._requests.answer(c.principal, msg), text=True)
+                    continue
                 if msg.get("type") != "auth":
                     c.close(_POLICY, f"unknown message type {str(msg.get('type'))[:32]!r}", "bad_message")
                     return
@@ -902,14 +961,15 @@ class Feed:
             if e.user_id is not None and e.user_id in self._users:
                 by_user.setdefault(e.user_id, []).append(e)
         user_frames: dict[UUID, bytes] = {}
-        limit, is_open = self.settings.write_buffer_bytes, State.OPEN
+        limit, is_open, before = self.settings.write_buffer_bytes, State.OPEN, first - 1
         for i, c in enumerate(list(self._clients)):
             if i & 63 == 63:
                 await anyio.lowlevel.checkpoint()  # a long round must not hold up the reactor's other tasks
-            if c.lagging or c.closed or c.cursor >= last:
+            if c.lagging or c.closed:
                 continue
-            if c.cursor != first - 1:
-                self._lag(c)
+            if c.cursor != before:
+                if c.cursor < last:
+                    self._lag(c)  # not where this round starts: its own task sorts it out
                 continue
             if c.is_admin:
                 data = admin_frames
@@ -922,9 +982,9 @@ class Feed:
                 if uid not in user_frames:
                     user_frames[uid] = b"".join(_frame(e.user) for e in mine if e.user is not None)
                 data = user_frames[uid]
-            # inlined _write_now: this loop runs once per client per round
-            transport = c.ws.transport
-            if c.ws.protocol.state is is_open and transport.get_write_buffer_size() <= limit:
+            # _write_now, inlined: this loop runs once per client per round
+            transport = c.transport
+            if c.protocol.state is is_open and transport.get_write_buffer_size() <= limit:
                 transport.write(data)
                 c.cursor = last
             else:
