@@ -693,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     p.add_argument("--rate", type=float, default=2.0, help="sample jobs submitted per second")
     p.add_argument("--fresh", action="store_true", help="start from an empty database")
+    p.add_argument("--port", type=int, default=8080, help="the dashboard and feed port on 127.0.0.1 (0: any)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("smoke", help="after a deploy: one job submitted as users do, followed to a reachable "

@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
+import secrets
 import signal
+import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import anyio
+import jwt
 import psycopg
 
+from reactor.auth import AuthSettings
 from reactor.devorch import OrchestratorDouble
 from reactor.embedded import EmbeddedPostgres, default_data_dir
+from reactor.errors import MigrationError
+from reactor.feed import FeedSettings
 from reactor.migrations import migrate_up
 from reactor.service import Service, ServiceSettings
 
@@ -86,22 +93,33 @@ async def _main(args: argparse.Namespace) -> None:
         server.destroy()
         server = EmbeddedPostgres(default_data_dir())
     dsn = server.start()
-    migrate_up(dsn)
+    try:
+        migrate_up(dsn)
+    except MigrationError as exc:
+        raise MigrationError(f"{exc}\n(this is the demo's own database: start afresh with --fresh)") from exc
+    secret = os.environ.get("REACTOR_JWT_SECRET") or secrets.token_urlsafe(32)
+    feed = FeedSettings(auth=AuthSettings(jwt_secret=secret), host="127.0.0.1", port=args.port)
+    admin = jwt.encode({"role": "service_role", "sub": "demo-admin", "exp": int(time.time()) + 7 * 86400},
+                       secret, algorithm="HS256")
     async with OrchestratorDouble(latency_ms=800, jitter_ms=1500) as orch:
-        service = Service(ServiceSettings(dsn=dsn, orchestrator_url=orch.url, handle_signals=False))
+        service = Service(ServiceSettings(dsn=dsn, orchestrator_url=orch.url, handle_signals=False, feed=feed))
         stop = anyio.Event()
-        print(  # noqa: T201
-            "\nreactor demo\n"
-            f"  database      {dsn}\n"
-            f"  orchestrator  {orch.url}  (test double; GET {orch.url}/stats)\n"
-            f"  submit a job  psql {dsn} -c \"INSERT INTO jobs (job_type, payload) "
-            "VALUES ('doubt', '{\\\"question\\\": \\\"Why is the sky blue?\\\"}') RETURNING id, queue_position\"\n"
-            f"  queue stats   psql {dsn} -c 'SELECT * FROM get_queue_stats()'\n"
-            "  stop          Ctrl-C\n",
-            flush=True,
-        )
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
+            assert service.feed is not None
+            base = f"http://127.0.0.1:{service.feed.port}"
+            print(  # noqa: T201
+                "\nreactor demo\n"
+                f"  dashboard     {base}/#token={admin}\n"
+                f"  live feed     {service.feed.url} (metrics: {base}/metrics)\n"
+                f"  database      {dsn}\n"
+                f"  orchestrator  {orch.url}  (test double; GET {orch.url}/stats)\n"
+                f"  submit a job  psql {dsn} -c \"INSERT INTO jobs (job_type, payload) "
+                "VALUES ('doubt', '{\\\"question\\\": \\\"Why is the sky blue?\\\"}') RETURNING id, queue_position\"\n"
+                f"  queue stats   psql {dsn} -c 'SELECT * FROM get_queue_stats()'\n"
+                "  stop          Ctrl-C\n",
+                flush=True,
+            )
             tg.start_soon(_submit, dsn, args.rate, stop)
 
             async def _until_stopped() -> None:

@@ -161,8 +161,8 @@ class EmbeddedPostgres:
                 if not parent.stat().st_mode & 0o001:
                     raise EmbeddedPostgresError(
                         f"{parent} is closed to other users, so PostgreSQL (running as "
-                        f"{self._os_user.pw_name}) cannot reach {self.base_dir}: choose a directory "
-                        "under /tmp or /var/tmp"
+                        f"{self._os_user.pw_name}) cannot reach {self.base_dir}: open it to others "
+                        f"(chmod o+x {parent}) or choose a directory such as /var/tmp/reactor"
                     )
             os.chown(self.base_dir, self._os_user.pw_uid, self._os_user.pw_gid)
         self.base_dir.chmod(0o700)
