@@ -74,6 +74,8 @@ class DispatchSettings:
     #: attempts a job may be put back without spending a retry (outages, stops) before its own
     #: retry rules apply again: a job that breaks the connection every time cannot loop forever
     free_requeues: int = 10
+    #: while renders are in flight, an outcome waits this long for others to share its round trip
+    batch_window_s: float = 0.002
 
 
 @dataclass
@@ -206,6 +208,9 @@ class Dispatcher:
             if not self._outbox and not self._claim_wanted and not self._check_lost:
                 with anyio.move_on_after(self._sleep_for()):
                     await self._wake.wait()
+            if self._outbox and self.inflight and self.settings.batch_window_s > 0:
+                # other renders are finishing too: let their outcomes join this round trip
+                await anyio.sleep(self.settings.batch_window_s)
             self._wake = anyio.Event()
             if self._next_due is not None and self._next_due <= time.monotonic():
                 self._next_due = None
