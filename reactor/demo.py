@@ -17,6 +17,7 @@ import signal
 import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import anyio
 import jwt
@@ -33,6 +34,9 @@ from reactor.service import Service, ServiceSettings
 __all__ = ["run", "sample_job"]
 
 logger = logging.getLogger(__name__)
+
+#: the subject of the demo's admin token: its dashboard actions are recorded as admin:<this>
+DEMO_ADMIN = UUID("00000000-0000-4000-8000-00000000ad01")
 
 QUESTIONS = [
     "Why does the derivative of sin x equal cos x?",
@@ -99,7 +103,8 @@ async def _main(args: argparse.Namespace) -> None:
         raise MigrationError(f"{exc}\n(this is the demo's own database: start afresh with --fresh)") from exc
     secret = os.environ.get("REACTOR_JWT_SECRET") or secrets.token_urlsafe(32)
     feed = FeedSettings(auth=AuthSettings(jwt_secret=secret), host="127.0.0.1", port=args.port)
-    admin = jwt.encode({"role": "service_role", "sub": "demo-admin", "exp": int(time.time()) + 7 * 86400},
+    admin = jwt.encode({"role": "service_role", "sub": str(DEMO_ADMIN), "email": "demo-admin@localhost",
+                        "exp": int(time.time()) + 7 * 86400},
                        secret, algorithm="HS256")
     async with OrchestratorDouble(latency_ms=800, jitter_ms=1500) as orch:
         service = Service(ServiceSettings(dsn=dsn, orchestrator_url=orch.url, handle_signals=False, feed=feed))

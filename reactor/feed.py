@@ -656,7 +656,8 @@ class Feed:
             raise _Refused(_POLICY, str(exc), "auth") from None
 
     async def _reader(self, c: _Client) -> None:
-        """What a client may send after authenticating: a fresh token for the same identity."""
+        """What a client may send after authenticating: a fresh token for the same identity, or one of
+        the dashboard's requests (``job``, ``status``, ``action``; answered by reactor/dashboard.py)."""
         try:
             async for raw in c.ws:
                 try:
