@@ -321,6 +321,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for r in st.reactors_alive:
         _print(f"           {r['id']} on {r['hostname']} pid {r['pid']} v{r['version']}, "
                f"up since {_fmt(r['started_at'])}, beat {_ago(r['silent_seconds'])} ago")
+        if r.get("circuit_state", "closed") != "closed":
+            _print(f"           RENDER FARM UNREACHABLE for {r['id']}: circuit {r['circuit_state']} "
+                   f"since {_fmt(r['circuit_since'])}; queued jobs wait, no retry is spent")
     for r in st.reactors_silent:
         _print(f"           silent: {r['id']} on {r['hostname']}, last beat {_ago(r['silent_seconds'])} ago")
     return 0

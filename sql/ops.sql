@@ -27,7 +27,7 @@ SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type
  ORDER BY a.attnum
 
 -- name: reactors
-SELECT id, hostname, pid, version, started_at, heartbeat_at,
+SELECT id, hostname, pid, version, started_at, heartbeat_at, circuit_state, circuit_since,
        extract(epoch FROM now() - heartbeat_at)::double precision AS silent_seconds
   FROM reactor.reactors
  ORDER BY heartbeat_at DESC, id

@@ -205,6 +205,12 @@ def test_status_shows_stats_limits_reactors_and_oldest(
     assert "PAUSED since" in out and "restores 6" in out
     assert "1 alive" in out and "r-alive on h1" in out and "silent: r-dead" in out
     assert f"oldest     {oldest} doubt (low)" in out
+    assert "RENDER FARM UNREACHABLE" not in out
+    # a reactor whose circuit is open says so (the circuit breaker publishes it there)
+    db.execute("UPDATE reactor.reactors SET circuit_state = 'open', circuit_since = now() WHERE id = 'r-alive'")
+    rc, out, _ = run(capsys, "status", "--dsn", dsn)
+    assert rc == 0 and "RENDER FARM UNREACHABLE for r-alive: circuit open since" in out
+    assert run_json(capsys, "status", "--dsn", dsn)["reactors_alive"][0]["circuit_state"] == "open"
 
 
 # -- retry -------------------------------------------------------------------------------------
