@@ -31,6 +31,7 @@ import functools
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -375,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
               f"load average {load:.1f} on {os.cpu_count()} cores")
         return 0 if ok_latency and ok_rss else 1
     finally:
+        if procs and procs[0].poll() is not None:  # the reactor died: say why
+            print((workdir / "reactor.log").read_text(errors="replace")[-3000:])
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -384,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         pg.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:

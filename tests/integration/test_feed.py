@@ -189,7 +189,9 @@ async def test_user_sees_only_own_jobs_and_live_positions(dsn: str, db: psycopg.
             more = await recv_until(a, lambda m: m["type"] == "event" and m["job"]["status"] == "completed")
             got_a += more
             positions = [m["queue_position"] for m in got_a if m["type"] == "position"]
-            assert positions == [3, 2, 1]
+            # 3, 2, 1 as B's jobs start ahead of it (a stalled machine may merge two steps)
+            assert positions[0] == 3 and positions[-1] == 1
+            assert positions == sorted(set(positions), reverse=True)
             assert [e["kind"] for e in events(got_a)] == ["inserted", "started", "completed"]
             got_b = await recv_until(b, lambda m: m["type"] == "event" and m["job"]["id"] == b_jobs[1]
                                      and m["job"]["status"] == "completed")
@@ -334,8 +336,8 @@ async def test_bad_bearer_header_is_a_401(dsn: str, value: str) -> None:
 async def test_token_expiry_closes_unless_refreshed(dsn: str) -> None:
     async with OrchestratorDouble() as orch, feed_reactor(dsn, orch.url) as svc, \
             connect(url(svc)) as short, connect(url(svc)) as refreshed:
-        await short.send(json.dumps({"type": "auth", "token": token("authenticated", USER_A, exp_in=2)}))
-        await refreshed.send(json.dumps({"type": "auth", "token": token("authenticated", USER_A, exp_in=2)}))
+        await short.send(json.dumps({"type": "auth", "token": token("authenticated", USER_A, exp_in=3)}))
+        await refreshed.send(json.dumps({"type": "auth", "token": token("authenticated", USER_A, exp_in=3)}))
         assert (await recv(short))["type"] == (await recv(refreshed))["type"] == "snapshot"
         await refreshed.send(json.dumps({"type": "auth", "token": token("authenticated", USER_A, exp_in=60)}))
         code, reason, _ = await closed_with(short, timeout=20)
@@ -400,8 +402,7 @@ async def test_handshake_limits(dsn: str) -> None:
             dsn, orch.url, max_clients=2, allowed_origins=("https://app.example",)) as svc:
         async with httpx.AsyncClient(base_url=http_base(svc)) as http:
             assert (await http.get("/livez")).status_code == 200
-            assert (await http.get("/")).status_code == 404
-            assert (await http.get("/nope")).status_code == 404
+            assert (await http.get("/nope")).status_code == 404  # unknown paths (/ is the dashboard)
             assert (await http.get("/feed?since=-1")).status_code == 400
         with pytest.raises(InvalidStatus) as info:
             async with connect(url(svc), origin=Origin("https://evil.example")):

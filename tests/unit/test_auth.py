@@ -121,7 +121,7 @@ def test_app_metadata_admin_needs_an_authenticated_role() -> None:
     (claims("anon"), "role 'anon' may not read the feed"),
     (claims("authenticated", sub=None), "no user id"),
     (claims("authenticated", sub="not-a-uuid"), "no user id"),
-    ({"sub": USER, "exp": int(time.time()) + 60}, "no role"),
+    ({"sub": USER, "exp": int(time.time()) + 86400}, "no role"),
 ])
 def test_refused_roles(body: dict[str, Any], reason: str) -> None:
     with pytest.raises(AuthError, match=reason):
