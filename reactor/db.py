@@ -63,13 +63,8 @@ class Database:
         )
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # synchronous_commit off for claims: a claim lost in a database crash is recovered by the
-        # lease (the video is rendered again), and pickup stops waiting for a WAL flush. Outcomes
-        # are made durable inside reactor.finish_and_claim().
         await conn.execute(
-            "SELECT set_config('reactor.actor', %s, false), "
-            "set_config('application_name', %s, false), "
-            "set_config('synchronous_commit', 'off', false)",
+            "SELECT set_config('reactor.actor', %s, false), set_config('application_name', %s, false)",
             (f"reactor:{self.reactor_id}", f"reactor {self.reactor_id}"),
         )
 

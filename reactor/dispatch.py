@@ -281,6 +281,10 @@ class Dispatcher:
         assert self._tg is not None
         self.stats.claimed += 1
         self.circuit.trial_started()
+        stale = self.inflight.get(job.id)
+        if stale is not None:
+            # we hold an older attempt of this job (its claim was undone meanwhile): it is not ours
+            self._abort(stale, "lost")
         entry = _Inflight(job, anyio.CancelScope(), time.monotonic())
         self.inflight[job.id] = entry
         logger.info(
@@ -311,7 +315,8 @@ class Dispatcher:
                     extra={"job_id": str(job.id), "attempt": job.attempt, "reason": entry.reason},
                 )
         finally:
-            del self.inflight[job.id]
+            if self.inflight.get(job.id) is entry:
+                del self.inflight[job.id]
             if self.circuit.state == HALF_OPEN:
                 self.circuit.trial_in_flight = False  # the trial ended without deciding: allow another
             if outcome is not None:

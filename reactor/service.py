@@ -101,6 +101,7 @@ class Service:
         self.ready = anyio.Event()
         self.stopping = False
         self._sweep_wake = anyio.Event()
+        self._sweep_knows_leases = False
         self._stop_requested = anyio.Event()
         self.swept_total = 0
 
@@ -110,6 +111,11 @@ class Service:
 
     def _on_notice(self, notice: Notice) -> None:
         self.dispatcher.on_notice(notice)
+        if not self._sweep_knows_leases and notice.channel == "reactor_events" and (
+                notice.payload.get("kind") == "started" or notice.payload.get("n", 0) > 1):
+            # the sweep slept with no lease to watch; work started somewhere: learn its lease
+            self._sweep_knows_leases = True
+            self._sweep_wake.set()
         if self.feed is not None:
             self.feed.on_notice(notice)
         if self.alerts is not None:
@@ -212,6 +218,7 @@ class Service:
                            "held_by": row["held_by"], "category": "TIMEOUT"},
                 )
             expiry = wakeups.get("next_lease_expiry")
+            self._sweep_knows_leases = expiry is not None
             if expiry is not None:
                 # a lease held by anyone (maybe a dead reactor) expires then: look right after
                 delta = (expiry - wakeups["db_now"]).total_seconds() + 0.5

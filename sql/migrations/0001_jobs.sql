@@ -815,9 +815,6 @@ RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload j
 LANGUAGE plpgsql AS $$
 BEGIN
     IF jsonb_array_length(p_batch) > 0 THEN
-        -- outcomes are durable even where the session commits asynchronously (claims may be
-        -- lost in a crash and are then recovered by the lease; a completion a student saw must not)
-        PERFORM set_config('synchronous_commit', 'on', true);
         RETURN QUERY
         WITH f AS (
             UPDATE reactor.jobs j
