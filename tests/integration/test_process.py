@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, LiteralString
+from typing import Any
 
 import anyio
 import psycopg
@@ -27,100 +23,24 @@ import pytest
 from reactor.devorch import OrchestratorDouble
 from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres
 from reactor.migrations import migrate_up
+from tests.support.processes import (
+    Conn,
+    ReactorProcess,
+    jobs_state,
+    reactor_process,
+    scalar,
+    status_count,
+    until,
+)
 from tests.support.reactors import running_reactor, wait_for
 
 pytestmark = pytest.mark.anyio
 
 logger = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[Any]
 RecordProperty = Callable[[str, object], None]
 
-REPO = Path(__file__).resolve().parents[2]
-#: how long anything may take on a slow, shared machine before the test gives up
-PATIENCE_S = 60.0
-
-
-# -- reactor processes ----------------------------------------------------------------------------
-
-
-class ReactorProcess:
-    """One ``python -m reactor run`` child; stdout and stderr go to ``log_path``."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, reactor_id: str) -> None:
-        self.proc = proc
-        self.log_path = log_path
-        self.reactor_id = reactor_id
-
-    def log(self, tail: int = 8000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return text[-tail:]
-
-    def diag(self) -> str:
-        return (f"\n--- reactor {self.reactor_id} (pid {self.proc.pid}, exit {self.proc.poll()}) "
-                f"log {self.log_path} ---\n{self.log()}")
-
-    def send(self, sig: signal.Signals) -> None:
-        assert self.proc.poll() is None, f"reactor {self.reactor_id} already exited{self.diag()}"
-        os.kill(self.proc.pid, sig)
-
-    async def wait_log(self, needle: str, timeout: float = PATIENCE_S) -> None:
-        """Wait until the log holds ``needle``; fail at once if the process died meanwhile."""
-        deadline = time.monotonic() + timeout
-        while needle not in self.log(tail=10**7):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"reactor exited before logging {needle!r}{self.diag()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"reactor did not log {needle!r} within {timeout:g} s{self.diag()}")
-            await anyio.sleep(0.05)
-
-    async def wait_ready(self) -> None:
-        await self.wait_log('msg="reactor ready"')
-
-    async def wait_exit(self, timeout: float = PATIENCE_S) -> int:
-        deadline = time.monotonic() + timeout
-        while (rc := self.proc.poll()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"reactor still running {timeout:g} s later{self.diag()}")
-            await anyio.sleep(0.02)
-        return rc
-
-
-@contextmanager
-def reactor_process(
-    dsn: str, orchestrator_url: str, log_dir: Path, reactor_id: str, *options: str,
-) -> Iterator[ReactorProcess]:
-    """Start a reactor process; on the way out, SIGKILL it if it is still running."""
-    log_path = log_dir / f"reactor-{reactor_id}.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    for name in ("DATABASE_URL", "REACTOR_ORCHESTRATOR_URL"):
-        env.pop(name, None)
-    args = [
-        sys.executable, "-m", "reactor", "--log-level", "INFO", "run", "--dsn", dsn,
-        "--orchestrator-url", orchestrator_url, "--reactor-id", reactor_id, *options,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    rp = ReactorProcess(proc, log_path, reactor_id)
-    try:
-        yield rp
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
-# -- database helpers -----------------------------------------------------------------------------
-
-
-def scalar(conn: Conn, query: LiteralString, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+# -- database helpers (the generic ones live in tests/support/processes.py) -------------------------
 
 
 def insert(conn: Conn, text: str = "Photosynthesis", job_type: str = "topic_short") -> str:
@@ -147,31 +67,6 @@ def events(conn: Conn, job_id: str) -> list[tuple[str, str, int, str | None]]:
             "SELECT kind, actor, retry_count, error_category FROM job_events WHERE job_id = %s ORDER BY seq",
             (job_id,))
     ]
-
-
-async def until(check: Callable[[], bool], what: str, *, timeout: float = PATIENCE_S,
-                diag: Callable[[], str] = lambda: "") -> float:
-    """Poll ``check`` until it holds; returns the seconds it took."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{diag()}")
-        await anyio.sleep(0.05)
-    return time.monotonic() - start
-
-
-def jobs_state(conn: Conn) -> str:
-    """The jobs as the reactor sees them, for assertion messages."""
-    rows = conn.execute(
-        "SELECT id, status, attempt, retry_count, locked_by, lease_expires_at - now(), run_after - now() "
-        "FROM reactor.jobs ORDER BY job_no").fetchall()
-    return "\n--- jobs (id, status, attempt, retries, locked_by, lease left, due in) ---\n" + "\n".join(
-        " ".join(str(v) for v in r) for r in rows)
-
-
-def status_count(conn: Conn, status: str) -> int:
-    n: int = scalar(conn, "SELECT count(*) FROM reactor.jobs WHERE status = %s", (status,))
-    return n
 
 
 # -- 1. SIGKILL mid-render ------------------------------------------------------------------------
