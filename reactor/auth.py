@@ -38,6 +38,7 @@ import jwt
 from jwt.exceptions import PyJWKError
 
 from reactor.errors import ConfigError, ReactorError
+from reactor.models import parse_uuid
 
 __all__ = [
     "AuthError",
@@ -194,7 +195,7 @@ def principal_from_claims(claims: Mapping[str, Any], audience: str | None = None
         role == "authenticated"
         and (app_metadata.get("role") == "admin" or app_metadata.get("admin") is True)
     )
-    user_id = _uuid(claims.get("sub"))
+    user_id = parse_uuid(claims.get("sub"))
     if not admin:
         if role != "authenticated":
             raise AuthError(f"role {role[:32]!r} may not read the feed")
@@ -281,11 +282,3 @@ class Authenticator:
             return False
         return True
 
-
-def _uuid(value: object) -> UUID | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return UUID(value)
-    except ValueError:
-        return None

@@ -48,6 +48,7 @@ from reactor import ops
 from reactor.auth import Principal
 from reactor.errors import ReactorError
 from reactor.listener import Notice
+from reactor.models import parse_uuid
 from reactor.sqlfiles import load_queries
 
 __all__ = [
@@ -170,14 +171,6 @@ def _request_id(value: object) -> str | int | None:
     return None
 
 
-def _uuid(value: object) -> UUID | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return UUID(value)
-    except ValueError:
-        return None
-
 
 # -- requests -------------------------------------------------------------------------------------
 
@@ -265,7 +258,7 @@ class Requests:
         return out
 
     async def _job(self, principal: Principal, msg: Mapping[str, Any]) -> dict[str, Any]:
-        job_id = _uuid(msg.get("id"))
+        job_id = parse_uuid(msg.get("id"))
         if job_id is None:
             raise _Failed("id must be a job id (a uuid)")
         got = await self._rows({"job": self._ops["get_job"], "events": self._ops["job_events"]}, {"id": job_id})
@@ -298,7 +291,7 @@ class Requests:
         job_id: UUID | None = None
         values: dict[str, str] = {}
         if action in ("cancel", "retry"):
-            job_id = _uuid(msg.get("id"))
+            job_id = parse_uuid(msg.get("id"))
             if job_id is None:
                 raise _Failed("id must be a job id (a uuid)")
         if action == "set_limits":

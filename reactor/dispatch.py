@@ -29,7 +29,7 @@ from reactor.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
 from reactor.db import TRANSIENT_ERRORS
 from reactor.errors import RenderError
 from reactor.listener import Notice
-from reactor.models import ClaimedJob, Outcome, RenderRequest, RenderResult
+from reactor.models import ClaimedJob, Outcome, RenderRequest, RenderResult, parse_uuid
 from reactor.policy import InvalidPayload, build_request, decide_failure
 
 __all__ = ["DispatchSettings", "Dispatcher", "JobStore", "RenderFn"]
@@ -170,7 +170,7 @@ class Dispatcher:
         if p.get("actor") == self.actor:
             return  # our own claim or outcome: already accounted for
         if p.get("n", 0) == 1:
-            job_id = _uuid(p.get("id"))
+            job_id = parse_uuid(p.get("id"))
             if job_id in self.inflight and p.get("old_status") == "processing":
                 # a job we render was changed by someone else (cancelled, rescued): check which
                 # attempt holds it now, and abort ours if it is no longer ours
@@ -537,11 +537,3 @@ class Dispatcher:
         for entry in list(self.inflight.values()):
             self._abort(entry, "drain")
 
-
-def _uuid(value: object) -> UUID | None:
-    if value is None:
-        return None
-    try:
-        return UUID(str(value))
-    except ValueError:
-        return None

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-__all__ = ["ClaimedJob", "Outcome", "RenderRequest", "RenderResult"]
+__all__ = ["ClaimedJob", "Outcome", "RenderRequest", "RenderResult", "parse_uuid"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,13 @@ class Outcome:
     error_category: str | None = None
     error_message: str | None = None
     error_details: dict[str, Any] | None = field(default=None)
+
+
+def parse_uuid(value: object) -> UUID | None:
+    """A UUID from untrusted input (a NOTIFY payload, a token, a client message), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return UUID(value)
+    except ValueError:
+        return None
