@@ -187,8 +187,8 @@ async def test_sigstopped_reactor_is_a_zombie_that_cannot_overwrite(
             while not await zombie_answered():
                 assert time.monotonic() - stopped_at < 60, cluster.diag()
                 await anyio.sleep(0.2)
-            # r2 still renders its attempt 2 (6 s): the zombie wakes with a video for each attempt 1
-            assert taken_over()
+            # the zombie wakes holding a video for each attempt 1, which r2 took over (its attempt 2
+            # may have finished meanwhile on a slow machine): what it writes must be discarded
             zombie.send(signal.SIGCONT)
             await zombie.wait_log("outcome discarded")
             ev = await verify(cluster, conn, ids, limit=6, watchers=[watcher], allowance=len(hit),

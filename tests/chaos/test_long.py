@@ -46,7 +46,8 @@ async def test_burst_of_50000(
 async def test_burst_drained_through_a_sigkill_and_a_listener_kill(
     chaos_pg: EmbeddedPostgres, chaos_dsn: str, tmp_path: Path,
 ) -> None:
-    async with running_cluster(chaos_pg, chaos_dsn, tmp_path, latency_ms=5, jitter_ms=20) as cluster, \
+    async with running_cluster(chaos_pg, chaos_dsn, tmp_path, latency_ms=5, jitter_ms=20,
+                               reactor_options=["--max-inflight", "15"]) as cluster, \
             anyio.create_task_group() as tg:
         set_limit(cluster, 30)
         watcher = FeedWatcher(cluster.feed_urls, cluster.token)
