@@ -100,6 +100,17 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
     return conn
 
 
+def _apply_and_record(conn: psycopg.Connection[Any], m: Migration) -> None:
+    """Run one migration file and record it with its checksum, in one transaction."""
+    with conn.transaction():
+        conn.execute(m.up.read_text().encode())
+        conn.execute(
+            "INSERT INTO reactor.schema_migrations (version, name, checksum) "
+            "VALUES (%s, %s, %s) ON CONFLICT (version) DO UPDATE SET checksum = EXCLUDED.checksum",
+            (m.version, m.name, m.checksum),
+        )
+
+
 def migrate_up(dsn: str, migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply what is missing, each file in its own transaction. Returns what was applied."""
     todo = migrations if migrations is not None else discover()
@@ -133,14 +144,7 @@ def migrate_up(dsn: str, migrations: list[Migration] | None = None) -> list[Migr
                     continue
                 logger.info("applying migration %s", m.up.name)
                 try:
-                    with conn.transaction():
-                        conn.execute(m.up.read_text().encode())
-                        conn.execute(
-                            "INSERT INTO reactor.schema_migrations (version, name, checksum) "
-                            "VALUES (%s, %s, %s) ON CONFLICT (version) DO UPDATE "
-                            "SET checksum = EXCLUDED.checksum",
-                            (m.version, m.name, m.checksum),
-                        )
+                    _apply_and_record(conn, m)
                 except psycopg.Error as exc:
                     raise MigrationError(f"migration {m.up.name} failed: {exc}") from exc
                 done_now.append(m)
@@ -248,14 +252,7 @@ def migrate_optional_up(dsn: str, name: str) -> Migration | None:
                 return None
             logger.info("applying optional migration %s", m.up.name)
             try:
-                with conn.transaction():
-                    conn.execute(m.up.read_text().encode())
-                    conn.execute(
-                        "INSERT INTO reactor.schema_migrations (version, name, checksum) "
-                        "VALUES (%s, %s, %s) ON CONFLICT (version) DO UPDATE "
-                        "SET checksum = EXCLUDED.checksum",
-                        (m.version, m.name, m.checksum),
-                    )
+                _apply_and_record(conn, m)
             except psycopg.Error as exc:
                 raise MigrationError(f"optional migration {m.up.name} failed: {_primary(exc)}") from exc
         finally:
