@@ -1,12 +1,15 @@
 """Reactor benchmarks: pickup latency, throughput, idle cost.
 
-    python3 bench/reactor_bench.py [--quick] [--fast] [--only pickup,throughput,idle]
+    python3 bench/reactor_bench.py [--quick] [--fast] [--only pickup,floor,throughput,idle]
 
 Starts a private PostgreSQL, the orchestrator double and one reactor as separate processes, so
 the figures include real process boundaries, and prints:
 
 * pickup latency: INSERT commit (the client's execute returned) to the orchestrator receiving
   ``POST /render``, at 50 jobs/s, p50 / p99 (goal p50 <= 2.5 ms, p99 <= 8 ms);
+* the floor for that on this machine now: bench/bare_pickup.py (INSERT, trigger NOTIFY, a bare
+  SKIP LOCKED claim and one POST, no limits, events or leases) on the same server and double,
+  right after; the reactor's figures are printed as a ratio to it;
 * throughput: 5,000 jobs queued by one INSERT, the double answering at once, limit 10: jobs/s from
   the INSERT to the last completion (goal >= 1,000 jobs/s);
 * idle cost: transactions per minute on the database while the reactor has nothing to do,
@@ -33,6 +36,8 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import bare_pickup  # noqa: E402
 
 from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres  # noqa: E402
 from reactor.migrations import migrate_up  # noqa: E402
@@ -254,7 +259,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute in all)")
     ap.add_argument("--fast", action="store_true", help="PostgreSQL with fsync off (default: durable defaults)")
-    ap.add_argument("--only", default="pickup,throughput,idle")
+    ap.add_argument("--only", default="pickup,floor,throughput,idle")
     args = ap.parse_args()
     which = set(args.only.split(","))
     settings = dict(FAST_SETTINGS) if args.fast else {"max_connections": "100"}
@@ -284,6 +289,11 @@ def main() -> int:
                 results["pickup"] = r = bench_pickup(dsn, procs, n, 50.0)
                 print(f"pickup at 50 jobs/s ({r['n']:.0f} jobs): p50 {r['p50_ms']:.2f} ms, "
                       f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms (goal p50 <= 2.5, p99 <= 8)")
+            if "floor" in which:
+                n = 300 if args.quick else 1500
+                results["floor"] = r = bare_pickup.measure(dsn, procs.orch_url, n, 50.0)
+                print(f"floor (bench/bare_pickup.py) at 50 jobs/s ({r['n']:.0f} jobs): p50 {r['p50_ms']:.2f} ms, "
+                      f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms")
             if "throughput" in which:
                 n = 2000 if args.quick else 5000
                 results["throughput"] = r = bench_throughput(dsn, procs, n)
@@ -298,6 +308,10 @@ def main() -> int:
         r = results["pickup"]
         ok = r["p50_ms"] <= 2.5 and r["p99_ms"] <= 8
         print(f"  pickup p50/p99   {r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms   {'PASS' if ok else 'FAIL'}")
+        if "floor" in results:
+            f = results["floor"]
+            print(f"  floor p50/p99    {f['p50_ms']:.2f} / {f['p99_ms']:.2f} ms   (reactor / floor: "
+                  f"{r['p50_ms'] / f['p50_ms']:.2f} at p50, {r['p99_ms'] / f['p99_ms']:.2f} at p99)")
     if "throughput" in results:
         r = results["throughput"]
         print(f"  throughput       {r['jobs_per_s']:.0f} jobs/s        {'PASS' if r['jobs_per_s'] >= 1000 else 'FAIL'}")
