@@ -115,7 +115,8 @@ def measure(dsn: str, url: str, n: int = 1500, rate: float = 50.0) -> dict[str, 
         proc.wait()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP TABLE IF EXISTS bare_jobs; DROP FUNCTION IF EXISTS bare_notify()")
-    lat = sorted((r["received_at"] - commit_at[r["job_id"]]) * 1000 for r in reqs if r["job_id"] in commit_at)
+    lat: list[float] = sorted(
+        (float(r["received_at"]) - commit_at[r["job_id"]]) * 1000 for r in reqs if r["job_id"] in commit_at)
     if not lat:
         raise RuntimeError("the double received none of the bare worker's renders")
 
