@@ -83,6 +83,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, how long renders in flight may take before they are put back")
     g.add_argument("--reactor-id", help="this reactor's name in the database (default host-pid-random)")
+    g.add_argument("--allow-pooler-port", action="store_true",
+                   help="start even though the DSN looks like a transaction-mode pooler (port 6543, "
+                        "pgbouncer=true), for a server that really listens there directly")
     g = p.add_argument_group("live feed and probes (tokens: $REACTOR_JWT_SECRET for HS256, --jwks for ES256/RS256)")
     g.add_argument("--listen", metavar="HOST:PORT",
                    help="serve the websocket feed (/feed), /livez, /readyz and /metrics on this address")
@@ -162,6 +165,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     orchestrator = _orchestrator_url(args.orchestrator_url)
     dsn = _dsn_or_embedded(args.dsn)
+    if not args.allow_pooler_port:
+        from reactor.errors import ConfigError
+        from reactor.ops import transaction_pooler_reason
+
+        reason = transaction_pooler_reason(dsn)
+        if reason is not None:
+            raise ConfigError(f"not starting: {reason} (a server that really listens on 6543 "
+                              "directly: pass --allow-pooler-port)")
     settings = _service_settings(args, dsn, orchestrator)
     assert isinstance(settings, ServiceSettings)
     service = Service(settings)

@@ -550,6 +550,20 @@ def test_check_refuses_a_transaction_pooler(dsn: str, capsys: pytest.CaptureFixt
     assert checks(out)["database"] == ("skip", "not tried: fix the DSN first")
 
 
+@pytest.mark.parametrize(
+    "mangle",
+    [lambda dsn: dsn.rsplit(":", 1)[0] + ":6543/" + dsn.rsplit("/", 1)[1], lambda dsn: dsn + "?pgbouncer=true"],
+    ids=["port-6543", "pgbouncer"],
+)
+def test_run_refuses_a_transaction_pooler(capsys: pytest.CaptureFixture[str], mangle: Any) -> None:
+    # refused before any connection is tried: nothing listens on these
+    dsn = "postgresql://reactor@127.0.0.1:5/reactor"
+    rc, _, err = run(capsys, "run", "--dsn", mangle(dsn), "--orchestrator-url", "http://127.0.0.1:9")
+    assert rc == 2
+    assert err.startswith("reactor: not starting: this DSN goes through a transaction-mode pooler")
+    assert "--allow-pooler-port" in err
+
+
 def test_check_fails_when_notify_never_arrives(
     dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
