@@ -740,6 +740,8 @@ class Feed:
                         c.queued[r["id"]] = r["queue_position"]
                         c.pending_positions[r["id"]] = r["queue_position"]
         self._register(c)
+        if since is not None and c.admin:
+            self._stats_wake.set()  # a snapshot carries the figures; a resume gets them after its events
 
     async def _send_snapshot(self, c: _Client, *, fresh: bool = False) -> None:
         if c.admin:

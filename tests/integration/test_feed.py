@@ -244,6 +244,24 @@ async def test_reconnect_with_last_seq_gets_exactly_what_was_missed(dsn: str, db
             assert (await recv(ws))["type"] == "snapshot"
 
 
+async def test_admin_resuming_gets_current_stats_without_waiting_for_an_event(
+        dsn: str, db: psycopg.Connection[Any]) -> None:
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0")  # nothing moves by itself
+    async with OrchestratorDouble() as orch, feed_reactor(dsn, orch.url) as svc:
+        async with connect(url(svc), additional_headers=bearer(token())) as ws:
+            await recv(ws)
+        last = last_seq(db)
+        missed = [insert(db) for _ in range(3)]
+        async with connect(url(svc, f"?since={last}"), additional_headers=bearer(token())) as ws:
+            assert await recv(ws) == {"type": "resumed", "since": last}
+            got = await recv_until(ws, lambda m: m["type"] == "stats", timeout=10)
+            assert [e["job"]["id"] for e in events(got)] == missed  # the missed events come first
+            stats = got[-1]
+            assert stats["seq"] == last + 3
+            row = db.execute("SELECT queued FROM get_queue_stats()").fetchone()
+            assert row is not None and stats["stats"]["queued"] == row[0]
+
+
 async def test_resume_across_a_restart_and_on_another_reactor(dsn: str, db: psycopg.Connection[Any]) -> None:
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0")
     port = free_port()
