@@ -135,6 +135,9 @@ class Dispatcher:
         self._next_due: float | None = None  # monotonic time of the next delayed retry we know of
         self._due_dirty = True
         self._check_lost = False
+        #: max_concurrent_renders = 0, as last read (with the next due time, after every config
+        #: change, reconnect and sweep): while paused, a new job costs no claim query
+        self.paused = False
         self._claim_wanted = True  # something may be claimable (cleared when a claim comes back short)
         self._want_gen = 0  # bumped by every reason to claim, so one arriving mid-claim is not lost
         self._outbox: list[Outcome] = []  # outcomes waiting to be written
@@ -158,6 +161,12 @@ class Dispatcher:
         self._due_dirty = True
         self._want_claim()
 
+    def limits_seen(self, paused: bool) -> None:
+        """The limits as read from the database (here, or by the sweep)."""
+        if self.paused and not paused:
+            self._want_claim()  # resumed: whatever queued meanwhile is ours to claim
+        self.paused = paused
+
     def _want_claim(self) -> None:
         self._claim_wanted = True
         self._want_gen += 1
@@ -167,7 +176,11 @@ class Dispatcher:
         p = notice.payload
         if notice.channel not in ("reactor_events", "reactor_config"):
             return  # alerts and circuit states are for the feed
-        if notice.channel == "reactor_config" or p.get("truncated"):
+        if notice.channel == "reactor_config":
+            self._due_dirty = True  # re-read the limits (paused?) with the next due time
+            self._want_claim()
+            return
+        if p.get("truncated"):
             self._want_claim()
             return
         if p.get("actor") == self.actor:
@@ -241,7 +254,7 @@ class Dispatcher:
             self._maybe_idle()
 
     def _room(self) -> int:
-        if not self.claiming:
+        if not self.claiming or self.paused:
             return 0
         room = max(0, self.settings.max_inflight - len(self.inflight))
         budget = self.circuit.claim_budget()
@@ -259,6 +272,7 @@ class Dispatcher:
             logger.warning("cannot read the next due time: %s", exc)
             return
         self._due_dirty = False
+        self.limits_seen(bool(w.get("paused")))
         due = w.get("next_due")
         if due is None:
             self._next_due = None

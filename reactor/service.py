@@ -207,6 +207,8 @@ class Service:
                 logger.warning("sweep failed: %s", exc)
                 swept, wakeups = [], {}
                 next_at = time.monotonic() + min(5.0, s.sweep_every_s)
+            if "paused" in wakeups:
+                self.dispatcher.limits_seen(bool(wakeups["paused"]))  # a safety net for a lost notice
             if swept:
                 self.dispatcher.want_claim()
             for row in swept:

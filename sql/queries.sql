@@ -21,7 +21,8 @@ SELECT h.id
 SELECT * FROM reactor.sweep(make_interval(secs => %(grace_s)s), make_interval(secs => %(orphan_s)s))
 
 -- name: next_wakeups
-SELECT next_due, next_lease_expiry, now() AS db_now FROM reactor.next_wakeups()
+SELECT w.next_due, w.next_lease_expiry, now() AS db_now, l.paused
+  FROM reactor.next_wakeups() w, reactor.effective_limits() l
 
 -- name: heartbeat
 INSERT INTO reactor.reactors (id, hostname, pid, version)

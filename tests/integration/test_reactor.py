@@ -231,6 +231,39 @@ async def test_sweep_fails_a_stuck_job_with_no_retries_left(dsn: str, db: psycop
     assert orch.requests == []
 
 
+async def test_paused_dispatch_spends_no_claim_on_new_jobs(dsn: str, db: psycopg.Connection[Any]) -> None:
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0")
+    async with OrchestratorDouble() as orch, running_reactor(dsn, orch.url) as service:
+        # count this reactor's own calls and notices; the database and the double stay real
+        calls = {"claims": 0, "notices": 0}
+        store, dispatcher = service.db, service.dispatcher
+        claim, notice = store.finish_and_claim, dispatcher.on_notice
+
+        async def counting_claim(*args: Any) -> Any:
+            calls["claims"] += 1
+            return await claim(*args)
+
+        def counting_notice(n: Any) -> None:
+            calls["notices"] += 1
+            notice(n)
+
+        store.finish_and_claim = counting_claim  # type: ignore[method-assign,assignment]
+        dispatcher.on_notice = counting_notice  # type: ignore[method-assign,assignment]
+        with anyio.fail_after(20):
+            while not dispatcher.paused:  # read at start
+                await anyio.sleep(0.02)
+        ids = [insert(db, "topic_short") for _ in range(20)]
+        with anyio.fail_after(20):
+            while calls["notices"] < 20:
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.3)  # the dispatcher has had every wake-up
+        assert calls["claims"] == 0 and orch.requests == []
+        db.execute("UPDATE job_queue_config SET max_concurrent_renders = 5")  # resume: one NOTIFY
+        await wait_for(dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'", expect=lambda n: n == 20)
+    assert calls["claims"] > 0
+    assert sorted(r["job_id"] for r in orch.requests) == sorted(ids)
+
+
 async def test_cancelled_queued_job_never_starts(dsn: str, db: psycopg.Connection[Any]) -> None:
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0")
     async with OrchestratorDouble() as orch, running_reactor(dsn, orch.url):
