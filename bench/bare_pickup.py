@@ -17,11 +17,9 @@ import http.client
 import json
 import subprocess
 import sys
-import time
 import urllib.parse
-import urllib.request
-from typing import Any
 
+import pickup
 import psycopg
 
 SETUP = """
@@ -66,13 +64,6 @@ def worker(dsn: str, url: str) -> None:
                     claim.execute("UPDATE bare_jobs SET status = 'completed' WHERE id = %s", (row[0],))
 
 
-def _http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
-
-
 def measure(dsn: str, url: str, n: int = 1500, rate: float = 50.0) -> dict[str, float]:
     """Run the bare worker as its own process and return pickup p50/p99/max in ms."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -84,46 +75,17 @@ def measure(dsn: str, url: str, n: int = 1500, rate: float = 50.0) -> dict[str, 
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("the bare worker did not start")
-        commit_at: dict[str, float] = {}
-        interval = 1.0 / rate
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for _ in range(20):  # warm-up
-                conn.execute("INSERT INTO bare_jobs (payload) VALUES ('{\"topic\": \"warm\"}')")
-                time.sleep(interval)
-            time.sleep(0.5)
-            _http_json(f"{url}/reset", "POST", {})
-            next_at = time.perf_counter()
-            for i in range(n):
-                cur = conn.execute("INSERT INTO bare_jobs (payload) VALUES (%s) RETURNING id",
-                                   (json.dumps({"topic": f"t{i}"}),))
-                t = time.time()
-                row = cur.fetchone()
-                assert row
-                commit_at[f"bare-{row[0]}"] = t
-                next_at += interval
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-        deadline = time.monotonic() + 30
-        while True:
-            reqs = _http_json(f"{url}/requests")
-            if len(reqs) >= n or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        return pickup.measure(
+            dsn, url, n, rate,
+            insert_sql="INSERT INTO bare_jobs (payload) VALUES (%s) RETURNING id",
+            warm_sql="INSERT INTO bare_jobs (payload) VALUES ('{\"topic\": \"warm\"}')",
+            job_key=lambda job_no: f"bare-{job_no}",
+        )
     finally:
         proc.kill()
         proc.wait()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP TABLE IF EXISTS bare_jobs; DROP FUNCTION IF EXISTS bare_notify()")
-    lat: list[float] = sorted(
-        (float(r["received_at"]) - commit_at[r["job_id"]]) * 1000 for r in reqs if r["job_id"] in commit_at)
-    if not lat:
-        raise RuntimeError("the double received none of the bare worker's renders")
-
-    def pct(q: float) -> float:
-        return lat[max(0, min(len(lat) - 1, round(q / 100 * len(lat) + 0.5) - 1))]  # nearest rank
-
-    return {"n": len(lat), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": lat[-1]}
 
 
 def main() -> int:

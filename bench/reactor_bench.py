@@ -20,7 +20,6 @@ the figures include real process boundaries, and prints:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -28,9 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
@@ -38,18 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bare_pickup  # noqa: E402
+import pickup  # noqa: E402
+from pickup import http_json  # noqa: E402
 
 from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres  # noqa: E402
 from reactor.migrations import migrate_up  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k]
 
 
 def free_port() -> int:
@@ -57,13 +47,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def wait_http(url: str, timeout: float = 20) -> None:
@@ -129,38 +112,11 @@ def wait_reactor_ready(dsn: str, timeout: float = 20) -> None:
 
 
 def bench_pickup(dsn: str, procs: Procs, n: int, rate: float) -> dict[str, float]:
-    http_json(f"{procs.orch_url}/reset", "POST", {})
-    commit_at: dict[str, float] = {}
-    interval = 1.0 / rate
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        # warm-up
-        for _ in range(20):
-            conn.execute("INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"warm\"}')")
-            time.sleep(interval)
-        time.sleep(0.5)
-        http_json(f"{procs.orch_url}/reset", "POST", {})
-        next_at = time.perf_counter()
-        for i in range(n):
-            cur = conn.execute(
-                "INSERT INTO jobs (job_type, payload) VALUES ('topic_short', %s) RETURNING id",
-                (json.dumps({"topic": f"t{i}"}),),
-            )
-            t = time.time()
-            row = cur.fetchone()
-            assert row
-            commit_at[str(row[0])] = t
-            next_at += interval
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-    deadline = time.monotonic() + 30
-    while True:
-        reqs = http_json(f"{procs.orch_url}/requests")
-        if len(reqs) >= n or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    lat = [(r["received_at"] - commit_at[r["job_id"]]) * 1000 for r in reqs if r["job_id"] in commit_at]
-    return {"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": max(lat)}
+    return pickup.measure(
+        dsn, procs.orch_url, n, rate,
+        insert_sql="INSERT INTO jobs (job_type, payload) VALUES ('topic_short', %s) RETURNING id",
+        warm_sql="INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"warm\"}')",
+    )
 
 
 def bench_throughput(dsn: str, procs: Procs, n: int) -> dict[str, float]:
