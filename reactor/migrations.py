@@ -170,18 +170,7 @@ def migrate_down(dsn: str, to_version: int = 0, migrations: list[Migration] | No
             for m in sorted(todo, key=lambda m: m.version, reverse=True):
                 if m.version not in done or m.version <= to_version:
                     continue
-                if m.down is None:
-                    raise MigrationError(f"migration {m.up.name} has no rollback file")
-                logger.info("rolling back migration %s", m.up.name)
-                try:
-                    with conn.transaction():
-                        conn.execute(m.down.read_text().encode())
-                        if applied_versions(conn):
-                            conn.execute(
-                                "DELETE FROM reactor.schema_migrations WHERE version = %s", (m.version,)
-                            )
-                except psycopg.Error as exc:
-                    raise MigrationError(f"rollback of {m.up.name} failed: {exc}") from exc
+                _roll_back(conn, m)
                 undone.append(m)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
