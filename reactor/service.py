@@ -201,6 +201,9 @@ class Service:
         s = self.settings
         while True:
             next_at = time.monotonic() + s.sweep_every_s
+            # a wake-up that arrives while this sweep runs (work started after its snapshot) must
+            # not be lost: the event is replaced before the sweep, not after it
+            self._sweep_wake = anyio.Event()
             try:
                 swept, wakeups = await self.db.sweep(s.timeout_grace_s, s.orphan_after_s)
             except TRANSIENT_ERRORS as exc:
@@ -220,12 +223,12 @@ class Service:
                            "held_by": row["held_by"], "category": "TIMEOUT"},
                 )
             expiry = wakeups.get("next_lease_expiry")
-            self._sweep_knows_leases = expiry is not None
+            if not self._sweep_wake.is_set():  # else: woken meanwhile, and this answer may be stale
+                self._sweep_knows_leases = expiry is not None
             if expiry is not None:
                 # a lease held by anyone (maybe a dead reactor) expires then: look right after
                 delta = (expiry - wakeups["db_now"]).total_seconds() + 0.5
                 next_at = min(next_at, time.monotonic() + max(1.0, delta))
-            self._sweep_wake = anyio.Event()
             with anyio.move_on_after(max(0.0, next_at - time.monotonic())):
                 await self._sweep_wake.wait()
 
