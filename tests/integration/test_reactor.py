@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -262,6 +263,41 @@ async def test_paused_dispatch_spends_no_claim_on_new_jobs(dsn: str, db: psycopg
         await wait_for(dsn, "SELECT count(*) FROM jobs WHERE status = 'completed'", expect=lambda n: n == 20)
     assert calls["claims"] > 0
     assert sorted(r["job_id"] for r in orch.requests) == sorted(ids)
+
+
+async def test_a_wake_up_during_a_sweep_is_not_lost(dsn: str, db: psycopg.Connection[Any]) -> None:
+    """Work that starts while a sweep runs must still make the sweep learn its lease: the sweep's
+    answer (no lease) predates the claim, and must not cancel the wake-up the claim caused."""
+    async with OrchestratorDouble(latency_ms=60_000) as orch, \
+            running_reactor(dsn, orch.url, sweep_every_s=30.0) as service:
+        real_sweep = service.db.sweep
+        sweeps: list[float] = []
+        gate = anyio.Event()
+
+        async def held_sweep(*args: Any) -> Any:
+            result = await real_sweep(*args)  # the database's answer, taken now
+            sweeps.append(time.monotonic())
+            if len(sweeps) == 1:
+                await gate.wait()  # ... and handed back only after the job below has started
+            return result
+
+        service.db.sweep = held_sweep  # type: ignore[method-assign,assignment]
+        service._sweep_wake.set()  # sweep now (the start-up sweep saw no lease)
+        with anyio.fail_after(20):
+            while not sweeps:
+                await anyio.sleep(0.02)
+        job_id = insert(db, "topic_short")
+        await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (job_id,), expect=lambda s: s == "processing")
+        with anyio.fail_after(20):
+            while not orch.requests:
+                await anyio.sleep(0.02)
+        released = time.monotonic()
+        gate.set()
+        with anyio.fail_after(10):  # not the 30 s of the next regular sweep
+            while len(sweeps) < 2:
+                await anyio.sleep(0.02)
+        assert sweeps[1] - released < 10
+        assert service._sweep_knows_leases
 
 
 async def test_cancelled_queued_job_never_starts(dsn: str, db: psycopg.Connection[Any]) -> None:
