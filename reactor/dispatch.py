@@ -141,7 +141,7 @@ class Dispatcher:
         self._claim_wanted = True  # something may be claimable (cleared when a claim comes back short)
         self._want_gen = 0  # bumped by every reason to claim, so one arriving mid-claim is not lost
         self._outbox: list[Outcome] = []  # outcomes waiting to be written
-        self._writing = 0  # outcomes being written now
+        self._exchanging = False  # a round trip (outcomes, a claim) is on its way
         self._idle = anyio.Event()
         self._tg: TaskGroup | None = None
 
@@ -242,10 +242,10 @@ class Dispatcher:
             if not batch and room <= 0:
                 self._claim_wanted = False  # full, paused or draining: a finished job or a notice wakes us
                 continue
-            self._writing = len(batch)
+            self._exchanging = True  # a drain waits for it: claimed jobs must not be left held
             gen = self._want_gen
             written, jobs = await self._exchange(batch, room)
-            self._writing = 0
+            self._exchanging = False
             self._recorded(batch, written)
             for job in jobs:
                 self._start(job)
@@ -528,7 +528,7 @@ class Dispatcher:
     # -- stopping ---------------------------------------------------------------------------------
 
     def _maybe_idle(self) -> None:
-        if not self.inflight and not self._outbox and not self._writing:
+        if not self.inflight and not self._outbox and not self._exchanging:
             self._idle.set()
 
     async def drain(self, grace_s: float | None = None) -> None:

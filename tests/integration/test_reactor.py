@@ -300,6 +300,25 @@ async def test_a_wake_up_during_a_sweep_is_not_lost(dsn: str, db: psycopg.Connec
         assert service._sweep_knows_leases
 
 
+async def test_a_claim_on_its_way_when_the_stop_comes_is_not_left_held(dsn: str, db: psycopg.Connection[Any]) -> None:
+    """A stop that arrives while a claim waits on the database: the drain waits for the claim, and
+    what it took is rendered (or released), never left in processing under a reactor that is gone."""
+    blocker = psycopg.connect(dsn)
+    try:
+        async with OrchestratorDouble() as orch, running_reactor(dsn, orch.url) as svc:
+            blocker.execute("SELECT pg_advisory_xact_lock(7240513002)")  # the claims' lock
+            job_id = insert(db, "topic_short")
+            await wait_for(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                           expect=lambda n: n >= 1)
+            svc.request_stop()
+            await anyio.sleep(0.3)  # the drain has begun, the claim still waits
+            blocker.rollback()
+    finally:
+        blocker.close()
+    row = job(db, job_id)
+    assert (row["status"], row["locked_by"]) == ("completed", None)
+
+
 async def test_cancelled_queued_job_never_starts(dsn: str, db: psycopg.Connection[Any]) -> None:
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0")
     async with OrchestratorDouble() as orch, running_reactor(dsn, orch.url):
