@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from reactor.devorch import OrchestratorDouble
+from tests.support.processes import until
 from tests.support.reactors import running_reactor, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -250,13 +251,9 @@ async def test_paused_dispatch_spends_no_claim_on_new_jobs(dsn: str, db: psycopg
 
         store.finish_and_claim = counting_claim  # type: ignore[method-assign,assignment]
         dispatcher.on_notice = counting_notice  # type: ignore[method-assign,assignment]
-        with anyio.fail_after(20):
-            while not dispatcher.paused:  # read at start
-                await anyio.sleep(0.02)
+        await until(lambda: dispatcher.paused, "the pause read at start", timeout=20)
         ids = [insert(db, "topic_short") for _ in range(20)]
-        with anyio.fail_after(20):
-            while calls["notices"] < 20:
-                await anyio.sleep(0.02)
+        await until(lambda: calls["notices"] >= 20, "a notice per insert", timeout=20)
         await anyio.sleep(0.3)  # the dispatcher has had every wake-up
         assert calls["claims"] == 0 and orch.requests == []
         db.execute("UPDATE job_queue_config SET max_concurrent_renders = 5")  # resume: one NOTIFY
@@ -283,19 +280,13 @@ async def test_a_wake_up_during_a_sweep_is_not_lost(dsn: str, db: psycopg.Connec
 
         service.db.sweep = held_sweep  # type: ignore[method-assign,assignment]
         service._sweep_wake.set()  # sweep now (the start-up sweep saw no lease)
-        with anyio.fail_after(20):
-            while not sweeps:
-                await anyio.sleep(0.02)
+        await until(lambda: bool(sweeps), "the first sweep", timeout=20)
         job_id = insert(db, "topic_short")
         await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (job_id,), expect=lambda s: s == "processing")
-        with anyio.fail_after(20):
-            while not orch.requests:
-                await anyio.sleep(0.02)
+        await until(lambda: bool(orch.requests), "the render request", timeout=20)
         released = time.monotonic()
         gate.set()
-        with anyio.fail_after(10):  # not the 30 s of the next regular sweep
-            while len(sweeps) < 2:
-                await anyio.sleep(0.02)
+        await until(lambda: len(sweeps) >= 2, "the second sweep", timeout=10)  # not the next regular one, 30 s on
         assert sweeps[1] - released < 10
         assert service._sweep_knows_leases
 
