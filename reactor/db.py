@@ -52,6 +52,9 @@ class Database:
         self.dsn = dsn
         self.reactor_id = reactor_id
         self._q = load_queries()
+        #: the dispatcher's own connection, outside the pool: a claim then waits for no pool
+        #: checkout, and lands on a backend that served the previous one (opened on first use)
+        self._dispatch_conn: psycopg.AsyncConnection[Any] | None = None
         self.pool = AsyncConnectionPool(
             dsn,
             min_size=min_size,
@@ -75,12 +78,41 @@ class Database:
             raise DatabaseError(f"cannot connect to the database: {exc}") from exc
 
     async def close(self) -> None:
+        conn, self._dispatch_conn = self._dispatch_conn, None
+        if conn is not None:
+            await conn.close()
         await self.pool.close()
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(self._q[name], params)
             return await cur.fetchall() if cur.description else []
+
+    async def _dispatch_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """``_rows`` on the dispatcher's own connection, (re)opened when it is missing or unusable.
+
+        Only the dispatcher's loop calls this, one statement at a time. A connection left broken,
+        closed or not idle (an error, a cancelled statement) is dropped, and the next call opens a
+        new one, so a database restart costs one failed statement, which the dispatcher retries.
+        """
+        conn = self._dispatch_conn
+        if conn is None or conn.broken or conn.closed or (
+            conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        ):
+            self._dispatch_conn = None
+            if conn is not None:
+                await conn.close()
+            conn = await psycopg.AsyncConnection.connect(self.dsn, **connect_kwargs())
+            await self._configure(conn)
+            self._dispatch_conn = conn
+        try:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(self._q[name], params)
+                return await cur.fetchall() if cur.description else []
+        except psycopg.OperationalError:
+            self._dispatch_conn = None
+            await conn.close()
+            raise
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -100,7 +132,7 @@ class Database:
             }
             for o in outcomes
         ]
-        rows = await self._rows("finish_and_claim", {
+        rows = await self._dispatch_rows("finish_and_claim", {
             "batch": json.dumps(batch, default=str), "reactor": self.reactor_id, "max": max_jobs,
             "lease_s": lease_s, "clock": clock,
         })
