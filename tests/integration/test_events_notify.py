@@ -1,4 +1,5 @@
-"""Events, counters and NOTIFY: one small notification per committed transaction, gapless seq."""
+"""Events, counters and NOTIFY: one small notification per committed transaction (the reactor's
+finish_and_claim: one for its outcomes, one for its claims), gapless seq."""
 
 from __future__ import annotations
 
@@ -281,3 +282,73 @@ def test_counters_match_a_recount_after_mixed_workload(db: Conn) -> None:
     truth = one(db, COUNTS)
     assert counters(db) == truth
     assert all(truth[k] > 0 for k in ("queued", "processing", "failed", "queued_medium", "queued_low"))
+
+
+def _finish_and_claim(conn: Conn, batch: list[dict[str, Any]], max_jobs: int) -> list[dict[str, Any]]:
+    return rows(conn, "SELECT * FROM reactor.finish_and_claim(%s::jsonb, 'r-direct', %s, interval '30 seconds')",
+                (json.dumps(batch), max_jobs))
+
+
+def test_the_reactors_own_writes_journal_as_they_go(db: Conn, listener: Conn) -> None:
+    """finish_and_claim numbers its events in the statement (0004): the same events, payloads and
+    counters as the staged path, its outcomes before its claims, one notification for each."""
+    db.execute("SELECT set_config('reactor.actor', 'reactor:r-direct', false)")
+    seq = last_seq(db)
+    first = one(db, "INSERT INTO jobs (job_type, priority) VALUES ('doubt', 'high') RETURNING id")["id"]
+    second = one(db, "INSERT INTO jobs (job_type, priority) VALUES ('topic_short', 'low') RETURNING id")["id"]
+    receive(listener, 2)
+
+    [a, b] = _finish_and_claim(db, [], 2)
+    assert [(r["written"], r["id"], r["attempt"]) for r in (a, b)] == [(False, first, 1), (False, second, 1)]
+    [msg] = receive(listener, 1)
+    assert msg == {"seq": seq + 4, "n": 2, "q": 0, "f": 0, "c": 0, "actor": "reactor:r-direct"}
+    assert counters(db) == one(db, COUNTS)
+
+    # one call: the first job fails and goes back (a retry due now), the second completes; the
+    # claim then takes the first job again. Outcomes come first in seq, then the claim.
+    outcomes = [
+        {"id": str(first), "attempt": 1, "status": "queued", "retry_count": 1, "delay_s": 0,
+         "error_category": "API_ERROR", "error_message": "503", "error_details": {}, "result": None},
+        {"id": str(second), "attempt": 1, "status": "completed", "retry_count": 0, "delay_s": 0,
+         "error_category": None, "error_message": None, "error_details": None, "result": {"video_url": "u"}},
+    ]
+    got = _finish_and_claim(db, outcomes, 1)
+    assert sorted((r["written"], str(r["id"])) for r in got) == sorted(
+        [(True, str(first)), (True, str(second)), (False, str(first))])
+    finished, claimed = receive(listener, 2)
+    assert finished == {"seq": seq + 6, "n": 2, "q": 1, "f": 2, "c": 0, "actor": "reactor:r-direct"}
+    expected = {"seq": seq + 7, "n": 1, "kind": "started", "id": str(first), "status": "processing",
+                "old_status": "queued", "priority": "high", "job_type": "doubt", "actor": "reactor:r-direct"}
+    assert subset(claimed, expected) == expected
+    log = rows(db, "SELECT seq, job_id, kind, old_status, retry_count, error_category, actor "
+                   "FROM job_events WHERE seq > %s ORDER BY seq", (seq,))
+    assert [(r["seq"], r["job_id"], r["kind"]) for r in log] == [
+        (seq + 1, first, "inserted"), (seq + 2, second, "inserted"),
+        (seq + 3, first, "started"), (seq + 4, second, "started"),
+        (seq + 5, first, "retrying"), (seq + 6, second, "completed"),
+        (seq + 7, first, "started"),
+    ]
+    assert (log[4]["retry_count"], log[4]["error_category"], log[4]["old_status"]) == (1, "API_ERROR", "processing")
+    assert {r["actor"] for r in log[2:]} == {"reactor:r-direct"}
+    assert counters(db) == one(db, COUNTS)
+
+    # an outcome for an attempt that is not ours any more writes nothing and numbers nothing
+    assert _finish_and_claim(db, [dict(outcomes[1], id=str(first))], 0) == []
+    assert_silent(listener)
+    assert last_seq(db) == seq + 7
+
+
+def test_a_session_cannot_switch_the_journal_off_for_its_own_updates(db: Conn, listener: Conn) -> None:
+    """The direct path's mark is the writing transaction's own id, set inside the reactor's
+    functions: a value a session sets for itself does not match, and its updates are journalled."""
+    seq = last_seq(db)
+    jid = one(db, "INSERT INTO jobs (job_type) VALUES ('doubt') RETURNING id")["id"]
+    receive(listener, 1)
+    db.execute("SET reactor.journal = 'direct'")
+    db.execute("UPDATE jobs SET priority = 'high' WHERE id = %s", (jid,))
+    with db.transaction():
+        db.execute("SELECT set_config('reactor.journal', (pg_current_xact_id()::text::bigint + 1)::text, true)")
+        db.execute("UPDATE jobs SET status = 'cancelled' WHERE id = %s", (jid,))
+    assert [m["kind"] for m in receive(listener, 2)] == ["reprioritized", "cancelled"]
+    assert last_seq(db) == seq + 3
+    assert counters(db) == one(db, COUNTS)

@@ -241,3 +241,26 @@ def test_edited_migration_is_refused(
     monkeypatch.delenv("DATABASE_URL", raising=False)
     assert main(["migrate", "--dsn", fresh_dsn]) != 0
     assert "0001_jobs.sql" in capsys.readouterr().err
+
+
+_DEFINITIONS = """
+SELECT pg_get_functiondef('reactor.claim_jobs(text, integer, interval, timestamptz)'::regprocedure),
+       pg_get_functiondef('reactor.finish_and_claim(jsonb, text, integer, interval, timestamptz)'::regprocedure),
+       (SELECT pg_get_triggerdef(t.oid) FROM pg_trigger t
+         WHERE t.tgrelid = 'reactor.jobs'::regclass AND t.tgname = 'jobs_stage_updates')
+"""
+
+
+def test_rolling_back_0004_puts_back_the_staged_journal_for_the_reactors_writes(fresh_dsn: str) -> None:
+    """0004 replaces two functions and a trigger of 0001: its rollback restores them as they were."""
+    earlier = [m for m in discover() if m.version < 4]
+    direct = [m for m in discover() if m.version == 4]
+    migrate_up(fresh_dsn, earlier)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        before = conn.execute(_DEFINITIONS).fetchone()
+    assert migrate_up(fresh_dsn, earlier + direct) == direct
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        assert conn.execute(_DEFINITIONS).fetchone() != before
+    assert migrate_down(fresh_dsn, to_version=3) == direct
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        assert conn.execute(_DEFINITIONS).fetchone() == before
