@@ -12,12 +12,13 @@ connection ourselves, and httpx spent about 1.9 ms of CPU per request. The reque
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import ssl
 from datetime import UTC, datetime
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import httptools
@@ -175,21 +176,27 @@ class RenderClient:
         self.base_url = base_url.rstrip("/")
         url = urlsplit(self.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"the orchestrator URL must be http:// or https://host[:port][/path], got {base_url!r}")
+            # not the URL itself: it may carry credentials
+            raise ValueError(f"the orchestrator URL must be http:// or https://host[:port][/path], "
+                             f"not {url.scheme or 'without a scheme'}")
         self._host = url.hostname
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
         self._prefix = url.path.rstrip("/")
         self._host_header = url.netloc.rsplit("@", 1)[-1]
+        # credentials in the URL (http://user:secret@host) go as Basic authorization, as most clients do
+        self._auth = ""
+        if url.username is not None:
+            token = base64.b64encode(f"{unquote(url.username)}:{unquote(url.password or '')}".encode()).decode()
+            self._auth = f"Authorization: Basic {token}\r\n"
+        self._headers = (f"Host: {self._host_header}\r\nUser-Agent: reactor\r\n{self._auth}"
+                         "Accept: application/json\r\nContent-Type: application/json\r\n")
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._idle: list[_Connection] = []
 
     def _request(self, method: str, path: str, body: bytes = b"") -> bytes:
-        head = (
-            f"{method} {self._prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\nUser-Agent: reactor\r\n"
-            f"Accept: application/json\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._headers}Content-Length: {len(body)}\r\n\r\n"
         return head.encode("latin-1") + body
 
     async def _connection(self) -> _Connection:

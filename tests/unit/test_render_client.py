@@ -77,7 +77,7 @@ async def test_a_path_prefix_chunked_answers_and_one_connection_for_all() -> Non
                 head, body = await _read_request(reader)
             except asyncio.IncompleteReadError:
                 break
-            seen.append(head.split("\r\n", 1)[0])
+            seen.append(head)
             assert json.loads(body)["input"] == "what is a prime"
             payload = json.dumps(RESULT).encode()
             half = len(payload) // 2
@@ -88,13 +88,16 @@ async def test_a_path_prefix_chunked_answers_and_one_connection_for_all() -> Non
         writer.close()
 
     async with _server(handler) as url:
-        client = RenderClient(url)
+        client = RenderClient(url.replace("http://", "http://render%40farm:s%3Acret@"))
         try:
             for _ in range(3):
                 assert (await client.render(_request(), 5)).duration == 30.0
         finally:
             await client.aclose()
-    assert seen == ["POST /api/render HTTP/1.1"] * 3
+    assert [h.split("\r\n", 1)[0] for h in seen] == ["POST /api/render HTTP/1.1"] * 3
+    # credentials in the URL: Basic authorization, and not in the Host header
+    assert "\r\nAuthorization: Basic cmVuZGVyQGZhcm06czpjcmV0\r\n" in seen[0]
+    assert f"\r\nHost: {url.split('//')[1].split('/')[0]}\r\n" in seen[0]
     assert connections == 1
 
 
