@@ -264,3 +264,14 @@ def test_rolling_back_0004_puts_back_the_staged_journal_for_the_reactors_writes(
     assert migrate_down(fresh_dsn, to_version=3) == direct
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         assert conn.execute(_DEFINITIONS).fetchone() == before
+
+
+def test_0005_keeps_the_claims_plan_and_its_rollback_lets_the_planner_choose(fresh_dsn: str) -> None:
+    query = ("SELECT proconfig FROM pg_proc "
+             "WHERE oid = 'reactor.claim_jobs(text, integer, interval, timestamptz)'::regprocedure")
+    migrate_up(fresh_dsn, [m for m in discover() if m.version <= 5])
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        assert conn.execute(query).fetchone() == (["plan_cache_mode=force_generic_plan"],)
+    migrate_down(fresh_dsn, to_version=4)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        assert conn.execute(query).fetchone() == (None,)
