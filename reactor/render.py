@@ -120,6 +120,10 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:
+            # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self._headers, self._body, self._size, self._headers_done = {}, [], 0, False
+            return
         self._keep_alive = self._parser.should_keep_alive()
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -124,6 +124,24 @@ async def test_an_answer_ended_by_closing_and_a_server_that_drops_idle_connectio
     assert connections == 3
 
 
+async def test_an_interim_answer_is_skipped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        body = json.dumps(RESULT).encode()
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await reader.read()  # until the client goes
+        writer.close()
+
+    async with _server(handler) as url:
+        client = RenderClient(url)
+        try:
+            assert (await client.render(_request(), 5)).processing_time_ms == 5
+        finally:
+            await client.aclose()
+
+
 async def test_an_answer_cut_off_is_a_transport_failure_and_an_oversized_one_unknown() -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
