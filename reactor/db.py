@@ -83,17 +83,22 @@ class Database:
             await conn.close()
         await self.pool.close()
 
-    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    async def _fetch(self, conn: psycopg.AsyncConnection[Any], name: str,
+                     params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(self._q[name], params)
             return await cur.fetchall() if cur.description else []
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            return await self._fetch(conn, name, params)
 
     async def _dispatch_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """``_rows`` on the dispatcher's own connection, (re)opened when it is missing or unusable.
 
         Only the dispatcher's loop calls this, one statement at a time. A connection left broken,
-        closed or not idle (an error, a cancelled statement) is dropped, and the next call opens a
-        new one, so a database restart costs one failed statement, which the dispatcher retries.
+        closed or not idle (a lost server, a cancelled statement) is closed here and replaced, so a
+        database restart costs one failed statement, which the dispatcher retries.
         """
         conn = self._dispatch_conn
         if conn is None or conn.broken or conn.closed or (
@@ -105,14 +110,7 @@ class Database:
             conn = await psycopg.AsyncConnection.connect(self.dsn, **connect_kwargs())
             await self._configure(conn)
             self._dispatch_conn = conn
-        try:
-            async with conn.cursor(row_factory=dict_row) as cur:
-                await cur.execute(self._q[name], params)
-                return await cur.fetchall() if cur.description else []
-        except psycopg.OperationalError:
-            self._dispatch_conn = None
-            await conn.close()
-            raise
+        return await self._fetch(conn, name, params)
 
     # -- dispatch --------------------------------------------------------------------------------
 
