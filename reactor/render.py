@@ -121,8 +121,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if 100 <= self._parser.get_status_code() < 200:
-            # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            self._headers, self._body, self._size, self._headers_done = {}, [], 0, False
+            self._start_answer()  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             return
         self._keep_alive = self._parser.should_keep_alive()
         waiter = self._waiter
@@ -130,6 +129,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(self._answer())
 
     # -- use ---------------------------------------------------------------------------------------
+
+    def _start_answer(self) -> None:
+        self._headers, self._body, self._size = {}, [], 0
+        self._headers_done = self._keep_alive = False
 
     def _answer(self) -> _Answer:
         return _Answer(self._parser.get_status_code(), self._headers, b"".join(self._body))
@@ -145,8 +148,7 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> _Answer:
         assert self.transport is not None
-        self._headers, self._body, self._size = {}, [], 0
-        self._headers_done = self._keep_alive = False
+        self._start_answer()
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         try:
@@ -177,8 +179,7 @@ class RenderClient:
     """
 
     def __init__(self, base_url: str, *, connect_timeout: float = 5.0, max_connections: int = 100) -> None:
-        self.base_url = base_url.rstrip("/")
-        url = urlsplit(self.base_url)
+        url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             # not the URL itself: it may carry credentials
             raise ValueError(f"the orchestrator URL must be http:// or https://host[:port][/path], "
@@ -187,13 +188,12 @@ class RenderClient:
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
         self._prefix = url.path.rstrip("/")
-        self._host_header = url.netloc.rsplit("@", 1)[-1]
         # credentials in the URL (http://user:secret@host) go as Basic authorization, as most clients do
-        self._auth = ""
+        auth = ""
         if url.username is not None:
             token = base64.b64encode(f"{unquote(url.username)}:{unquote(url.password or '')}".encode()).decode()
-            self._auth = f"Authorization: Basic {token}\r\n"
-        self._headers = (f"Host: {self._host_header}\r\nUser-Agent: reactor\r\n{self._auth}"
+            auth = f"Authorization: Basic {token}\r\n"
+        self._headers = (f"Host: {url.netloc.rsplit('@', 1)[-1]}\r\nUser-Agent: reactor\r\n{auth}"
                          "Accept: application/json\r\nContent-Type: application/json\r\n")
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
