@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import psycopg
 from pickup import http_json, pct
 from psycopg import sql
-from reactor_bench import ROOT, free_port, wait_http, wait_reactor_ready
+from reactor_bench import ROOT, free_port, stop_processes, wait_http, wait_reactor_ready
 
 from reactor.embedded import EmbeddedPostgres
 
@@ -66,13 +65,7 @@ def main() -> int:
             wait_reactor_ready(dsn)
         lat = measure(dsns, url, args.jobs, args.rate)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         server.stop()
         server.destroy()
     print(f"pickup at {args.rate:g} jobs/s in all, {args.jobs} jobs each, the two versions interleaved:")

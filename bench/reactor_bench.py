@@ -89,14 +89,19 @@ class Procs:
         return p
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20) -> None:
+    """SIGTERM, the last started first; SIGKILL what has not ended within ``timeout_s`` each."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def wait_reactor_ready(dsn: str, timeout: float = 20) -> None:
