@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Sequence
@@ -15,14 +16,17 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from reactor import __version__
-from reactor.errors import DatabaseError
+from reactor import __version__, pgtypes
+from reactor.errors import DatabaseError, StatementRefused
 from reactor.models import ClaimedJob, Outcome
 from reactor.sqlfiles import load_queries
 
-__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs"]
+__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "sanitize_json"]
 
 logger = logging.getLogger(__name__)
+
+# rows are user input: no value read from the database may raise while a result is fetched
+pgtypes.install()
 
 #: errors after which the same statement may simply be tried again
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -108,9 +112,15 @@ class Database:
             if conn is not None:
                 await conn.close()
             conn = await psycopg.AsyncConnection.connect(self.dsn, **connect_kwargs())
+            pgtypes.guard_payloads(conn)  # a payload past the limits reads as Undecodable
             await self._configure(conn)
             self._dispatch_conn = conn
-        return await self._fetch(conn, name, params)
+        try:
+            return await self._fetch(conn, name, params)
+        except TRANSIENT_ERRORS:
+            raise
+        except psycopg.Error as exc:
+            raise StatementRefused(f"the database refused {name}: {_one_line(exc)}") from exc
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -119,15 +129,16 @@ class Database:
     ) -> tuple[set[UUID], list[ClaimedJob]]:
         """Record outcomes whose lease we still hold, then claim up to ``max_jobs``: one round trip.
 
-        Returns the ids whose outcome was written, and the jobs claimed.
+        Returns the ids whose outcome was written, and the jobs claimed. Raises
+        :class:`StatementRefused` when the database refuses the statement itself (not an outage).
         """
         batch = [
-            {
+            sanitize_json({
                 "id": str(o.job_id), "attempt": o.attempt, "status": o.status, "result": o.result,
                 "retry_count": o.retry_count, "delay_s": o.delay_seconds,
                 "error_category": o.error_category, "error_message": o.error_message,
                 "error_details": o.error_details,
-            }
+            })
             for o in outcomes
         ]
         rows = await self._dispatch_rows("finish_and_claim", {
@@ -147,6 +158,14 @@ class Database:
             if not r["written"]
         ]
         return written, claimed
+
+    async def release_strays(self, known: set[UUID], free_requeues: int, reason: str) -> list[dict[str, Any]]:
+        """Put back jobs this reactor holds but does not know of (a claim whose answer could not be
+        read): queued again without spending a retry, or failed once ``free_requeues`` are spent,
+        so a job that breaks every read cannot loop. Returns their id and new status."""
+        return await self._rows("release_strays", {
+            "reactor": self.reactor_id, "known": list(known), "free": free_requeues, "reason": reason[:500],
+        })
 
     async def renew(self, held: dict[UUID, int], lease_s: float) -> set[UUID]:
         """Extend the leases we hold; returns the ids still ours."""
@@ -198,3 +217,23 @@ class Database:
 
     async def unregister(self) -> None:
         await self._rows("unregister", {"reactor": self.reactor_id})
+
+
+def sanitize_json(value: Any) -> Any:
+    """``value`` with what jsonb cannot store removed: NUL characters and lone surrogates in
+    strings, and non-finite numbers (None in their place). Outcomes carry text from the render farm."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value.replace("\x00", "")
+        return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {sanitize_json(str(k)): sanitize_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [sanitize_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

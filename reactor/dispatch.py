@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,12 +27,12 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from reactor.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
 from reactor.db import TRANSIENT_ERRORS
-from reactor.errors import RenderError
+from reactor.errors import RenderError, StatementRefused
 from reactor.listener import Notice
-from reactor.models import ClaimedJob, Outcome, RenderRequest, RenderResult, parse_uuid
+from reactor.models import ClaimedJob, Outcome, RenderRequest, RenderResult
 from reactor.policy import InvalidPayload, build_request, decide_failure
 
-__all__ = ["DispatchSettings", "Dispatcher", "JobStore", "RenderFn"]
+__all__ = ["DispatchSettings", "Dispatcher", "JobStore", "Reaction", "RenderFn", "notice_reaction"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class JobStore(Protocol):
     async def renew(self, held: dict[UUID, int], lease_s: float) -> set[UUID]: ...
     async def still_held(self, held: dict[UUID, int]) -> set[UUID]: ...
     async def next_wakeups(self) -> dict[str, Any]: ...
+    async def release_strays(self, known: set[UUID], free_requeues: int, reason: str) -> list[dict[str, Any]]: ...
     async def set_circuit(self, state: str, since: datetime | None) -> None: ...
 
 
@@ -79,6 +80,41 @@ class DispatchSettings:
     #: and a window only adds latency (bench/reactor_bench.py throughput, three runs each: 2 ms 795-827
     #: jobs/s, none 873-1083)
     batch_window_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """What a notification asks of the dispatcher."""
+
+    claim: bool = False  # something may be claimable now
+    due_dirty: bool = False  # re-read the next due time (and whether dispatch is paused)
+    check_lost: bool = False  # a job we render may have been taken from us: check which we still hold
+
+
+def notice_reaction(notice: Notice, actor: str, inflight: Collection[UUID]) -> Reaction:
+    """The dispatcher's reaction to a notification: a pure function of it, our actor and the jobs
+    we render (``reactor_events`` and ``reactor_config``; the other channels are the feed's)."""
+    if notice.channel == "reactor_config":
+        return Reaction(claim=True, due_dirty=True)  # limits changed (paused?): re-read with the due time
+    if notice.channel != "reactor_events":
+        return Reaction()
+    if notice.truncated:
+        return Reaction(claim=True)
+    if notice.actor == actor:
+        return Reaction()  # our own claim or outcome: already accounted for
+    if notice.n == 1:
+        return Reaction(
+            # a job we render was changed by someone else (cancelled, rescued): check which attempt
+            # holds it now, and abort ours if it is no longer ours
+            check_lost=notice.job_id in inflight and notice.old_status == "processing",
+            due_dirty=notice.kind == "retrying",
+            claim=notice.status == "queued" or notice.old_status == "processing",
+        )
+    return Reaction(
+        check_lost=notice.cancelled > 0 and len(inflight) > 0,
+        due_dirty=notice.queued > 0,
+        claim=notice.queued > 0 or notice.finished > 0,
+    )
 
 
 @dataclass
@@ -144,6 +180,8 @@ class Dispatcher:
         self._exchanging = False  # a round trip (outcomes, a claim) is on its way
         self._idle = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._refusals = 0  # claims refused in a row by the database (not an outage)
+        self._stopped = anyio.Event()  # set when claiming stops (drain, abort)
 
     # -- wake-ups ---------------------------------------------------------------------------------
 
@@ -173,36 +211,13 @@ class Dispatcher:
         self.wake()
 
     def on_notice(self, notice: Notice) -> None:
-        p = notice.payload
-        if notice.channel not in ("reactor_events", "reactor_config"):
-            return  # alerts and circuit states are for the feed
-        if notice.channel == "reactor_config":
-            self._due_dirty = True  # re-read the limits (paused?) with the next due time
-            self._want_claim()
-            return
-        if p.get("truncated"):
-            self._want_claim()
-            return
-        if p.get("actor") == self.actor:
-            return  # our own claim or outcome: already accounted for
-        if p.get("n", 0) == 1:
-            job_id = parse_uuid(p.get("id"))
-            if job_id in self.inflight and p.get("old_status") == "processing":
-                # a job we render was changed by someone else (cancelled, rescued): check which
-                # attempt holds it now, and abort ours if it is no longer ours
-                self._check_lost = True
-                self.wake()
-            if p.get("kind") == "retrying":
-                self._due_dirty = True
-            if p.get("status") == "queued" or p.get("old_status") == "processing":
-                self._want_claim()
-            return
-        if p.get("c", 0) and self.inflight:
+        react = notice_reaction(notice, self.actor, self.inflight.keys())
+        if react.check_lost:
             self._check_lost = True
             self.wake()
-        if p.get("q", 0):
+        if react.due_dirty:
             self._due_dirty = True
-        if p.get("q", 0) or p.get("f", 0):
+        if react.claim:
             self._want_claim()
 
     # -- main loop --------------------------------------------------------------------------------
@@ -246,6 +261,8 @@ class Dispatcher:
             gen = self._want_gen
             written, jobs = await self._exchange(batch, room)
             self._exchanging = False
+            if jobs:
+                self._refusals = 0
             self._recorded(batch, written)
             for job in jobs:
                 self._start(job)
@@ -271,6 +288,9 @@ class Dispatcher:
         except TRANSIENT_ERRORS as exc:
             logger.warning("cannot read the next due time: %s", exc)
             return
+        except Exception:
+            logger.exception("cannot read the next due time")
+            return
         self._due_dirty = False
         self.limits_seen(bool(w.get("paused")))
         due = w.get("next_due")
@@ -280,8 +300,16 @@ class Dispatcher:
             delta = (due - w["db_now"]).total_seconds()
             self._next_due = time.monotonic() + max(0.0, delta) + 0.005
 
-    async def _exchange(self, batch: list[Outcome], room: int) -> tuple[set[UUID], list[ClaimedJob]]:
-        """finish_and_claim, retried until the database answers: outcomes are never dropped."""
+    async def _exchange(
+        self, batch: list[Outcome], room: int, *, split: bool = True
+    ) -> tuple[set[UUID], list[ClaimedJob]]:
+        """finish_and_claim, retried until the database answers: outcomes are never dropped.
+
+        A statement the database refuses (not an outage: the same one would fail again) is split:
+        each outcome is written alone, so one that cannot be stored fails its own job and no other
+        (``split=False`` raises :class:`StatementRefused` instead). An answer that cannot be read
+        puts back whatever this reactor now holds without knowing it.
+        """
         delay = 0.1
         while True:
             try:
@@ -293,6 +321,68 @@ class Dispatcher:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 room = self._room() if room else 0
+            except StatementRefused as exc:
+                if not split:
+                    raise
+                return await self._after_refusal(batch, room, exc)
+            except Exception as exc:  # a bug reading the answer must not stop the reactor
+                logger.exception("the answer to a claim could not be read; putting back what it took")
+                return await self._release_strays(batch, f"{type(exc).__name__}: {exc}"), []
+
+    async def _after_refusal(
+        self, batch: list[Outcome], room: int, exc: StatementRefused
+    ) -> tuple[set[UUID], list[ClaimedJob]]:
+        if not batch:
+            self._refusals += 1
+            delay = min(30.0, 0.5 * 2 ** min(self._refusals, 10))
+            logger.error("the claim was refused (trying again in %.0f s): %s", delay, exc)
+            with anyio.move_on_after(delay):
+                await self._stopped.wait()  # a stop does not wait for it
+            return set(), []
+        logger.error("the database refused %d outcomes; writing them one at a time: %s", len(batch), exc)
+        written: set[UUID] = set()
+        for outcome in batch:
+            written |= await self._write_alone(outcome)
+        jobs: list[ClaimedJob] = []
+        if room:
+            room = self._room()
+            _, jobs = await self._exchange([], room) if room > 0 else (set(), [])
+        return written, jobs
+
+    async def _write_alone(self, outcome: Outcome) -> set[UUID]:
+        """One outcome on its own; one the database refuses fails its job with UNKNOWN instead."""
+        try:
+            return (await self._exchange([outcome], 0, split=False))[0]
+        except StatementRefused as exc:
+            reason = str(exc)
+        logger.error("outcome refused by the database; failing the job: %s", reason,
+                     extra={"job_id": str(outcome.job_id), "attempt": outcome.attempt})
+        stand_in = Outcome(
+            outcome.job_id, outcome.attempt, "failed", outcome.retry_count, error_category="UNKNOWN",
+            error_message=f"the outcome ({outcome.status}) could not be recorded: {reason}"[:1000],
+        )
+        try:
+            return (await self._exchange([stand_in], 0, split=False))[0]
+        except StatementRefused as exc:
+            logger.error("even a plain failure was refused; the sweep takes the job back when its lease "
+                         "ends: %s", exc, extra={"job_id": str(outcome.job_id)})
+            return set()
+
+    async def _release_strays(self, batch: list[Outcome], reason: str) -> set[UUID]:
+        """After an unreadable answer: put back the jobs we hold but do not know (claimed by it, or
+        finished by us with an outcome it may not have written). Returns the outcomes written."""
+        try:
+            rows = await self.store.release_strays(set(self.inflight), self.settings.free_requeues, reason)
+        except Exception as exc:
+            logger.error("cannot put back unknown jobs (the sweep will, when their lease ends): %s", exc)
+            return set()
+        released = {r["id"] for r in rows}
+        if released:
+            self._want_claim()  # they are queued again; our own NOTIFY does not wake us
+        for r in rows:
+            logger.warning("job put back: the claim that took it could not be read",
+                           extra={"job_id": str(r["id"]), "status": r["status"]})
+        return {o.job_id for o in batch} - released
 
     def _start(self, job: ClaimedJob) -> None:
         assert self._tg is not None
@@ -318,7 +408,14 @@ class Dispatcher:
         outcome: Outcome | None = None
         try:
             with entry.scope:
-                outcome = await self._attempt(job)
+                try:
+                    outcome = await self._attempt(job)
+                except Exception as exc:  # whatever went wrong with this job stays with this job
+                    logger.exception("job %s failed unexpectedly", job.id)
+                    outcome = Outcome(
+                        job.id, job.attempt, "failed", job.retry_count, error_category="UNKNOWN",
+                        error_message=f"the reactor failed on this job: {exc!r}"[:500],
+                    )
             if outcome is None and entry.reason == "drain":
                 outcome = Outcome(
                     job.id, job.attempt, "queued", job.retry_count,
@@ -346,6 +443,9 @@ class Dispatcher:
             request = build_request(job)
         except InvalidPayload as exc:
             return self._failure(job, RenderError("INVALID_INPUT", str(exc)))
+        except Exception as exc:  # a bug here must fail this job alone
+            logger.exception("the request for job %s could not be built", job.id)
+            return self._failure(job, RenderError("INVALID_INPUT", f"the request could not be built: {exc!r}"[:500]))
         timeout = job.timeout_minutes * 60.0
         if self.settings.max_render_timeout_s is not None:
             timeout = min(timeout, self.settings.max_render_timeout_s)
@@ -415,6 +515,9 @@ class Dispatcher:
                     self._circuit_published = state
                 except TRANSIENT_ERRORS as exc:
                     logger.warning("cannot record the circuit state: %s", exc)
+                except Exception:
+                    logger.exception("cannot record the circuit state")
+                    await anyio.sleep(1.0)  # and try again
             self._circuit_wake = anyio.Event()
             if self.circuit.state == OPEN and self.circuit.next_probe_at is not None and self.probe:
                 with anyio.move_on_after(max(0.0, self.circuit.next_probe_at - time.monotonic())):
@@ -502,6 +605,9 @@ class Dispatcher:
             except TRANSIENT_ERRORS as exc:
                 logger.warning("cannot renew leases: %s", exc)
                 continue
+            except Exception:
+                logger.exception("cannot renew leases")
+                continue
             self._drop_lost(held, kept)
 
     async def _reconcile(self) -> None:
@@ -512,6 +618,9 @@ class Dispatcher:
             kept = await self.store.still_held(held)
         except TRANSIENT_ERRORS as exc:
             logger.warning("cannot check held jobs: %s", exc)
+            return
+        except Exception:
+            logger.exception("cannot check held jobs")
             return
         self._drop_lost(held, kept)
 
@@ -534,6 +643,7 @@ class Dispatcher:
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop claiming; let renders finish within the grace, then abort and release the rest."""
         self.claiming = False
+        self._stopped.set()
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         self._idle = anyio.Event()
         self._maybe_idle()
@@ -551,6 +661,7 @@ class Dispatcher:
     def abort_all(self) -> None:
         """Second signal: abort every render now and release the jobs (best effort)."""
         self.claiming = False
+        self._stopped.set()
         for entry in list(self.inflight.values()):
             self._abort(entry, "drain")
 

@@ -5,7 +5,8 @@ Every error the reactor raises on purpose derives from :class:`ReactorError`::
     ReactorError
     ├── ConfigError            a setting is missing or invalid
     ├── DatabaseError          the database refused or could not be reached
-    │   └── MigrationError     the schema cannot be brought to the wanted version
+    │   ├── MigrationError     the schema cannot be brought to the wanted version
+    │   └── StatementRefused   the database refused a statement: the same one would fail again
     ├── EmbeddedPostgresError  the private PostgreSQL could not be set up or started
     └── RenderError            a render call failed; carries an error category
 """
@@ -19,6 +20,7 @@ __all__ = [
     "MigrationError",
     "ReactorError",
     "RenderError",
+    "StatementRefused",
 ]
 
 
@@ -36,6 +38,11 @@ class DatabaseError(ReactorError):
 
 class MigrationError(DatabaseError):
     """The schema cannot be brought to the wanted version."""
+
+
+class StatementRefused(DatabaseError):
+    """The database refused a statement (a constraint, a value it cannot store): not an outage, so
+    sending the same statement again would fail again."""
 
 
 class EmbeddedPostgresError(ReactorError):

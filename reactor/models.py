@@ -9,7 +9,19 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-__all__ = ["ClaimedJob", "Outcome", "RenderRequest", "RenderResult", "parse_uuid"]
+__all__ = ["ClaimedJob", "Outcome", "RenderRequest", "RenderResult", "Undecodable", "parse_uuid"]
+
+
+class Undecodable(dict[str, str]):
+    """A JSON value read from the database that could not be used, in place of the value.
+
+    It reads as ``{"undecodable": reason}``, so a reader that only shows it (a log, the dashboard)
+    needs no special case; the dispatcher checks for it and fails that job alone, saying why.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(undecodable=reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,8 @@ class RenderResult(BaseModel):
 
     video_url: HttpUrl
     thumbnail_url: HttpUrl | None = None
-    duration: float = Field(ge=0)
+    #: finite: the result is stored as jsonb, which has no Infinity or NaN
+    duration: float = Field(ge=0, allow_inf_nan=False)
     processing_time_ms: int = Field(ge=0)
 
     def to_json(self) -> dict[str, Any]:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from reactor.models import ClaimedJob, RenderRequest
+from reactor.models import ClaimedJob, RenderRequest, Undecodable
 
 __all__ = [
     "DEFAULT_RENDER_OPTIONS",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_PAYLOAD_DEPTH",
     "RETRYABLE",
     "Decision",
     "InvalidPayload",
@@ -24,6 +26,7 @@ __all__ = [
     "build_request",
     "category_for_status",
     "decide_failure",
+    "nested_deeper_than",
     "parse_retry_after",
 ]
 
@@ -31,6 +34,10 @@ __all__ = [
 DEFAULT_RENDER_OPTIONS: dict[str, str] = {"style": "default", "length": "short", "voice": "default"}
 MAX_INPUT_CHARS = 4000
 MAX_OPTION_CHARS = 64
+#: the limits of a job's payload: the SQL contract refuses more at INSERT (migration 0006), and the
+#: reactor fails a job claimed with more (a row written before that migration) as INVALID_INPUT
+MAX_PAYLOAD_BYTES = 262_144  # as JSON text
+MAX_PAYLOAD_DEPTH = 64  # containers: {} is 1 deep, {"a": []} 2
 
 #: Error categories worth another attempt.
 RETRYABLE = frozenset({"TIMEOUT", "API_ERROR", "UNKNOWN"})
@@ -47,18 +54,27 @@ def build_request(job: ClaimedJob) -> RenderRequest:
     topic_short: topic, daily_ca: date). ``style``, ``length`` and ``voice`` come from the payload,
     else the job type's ``defaults``, else :data:`DEFAULT_RENDER_OPTIONS`.
     """
+    if isinstance(job.payload, Undecodable):
+        raise InvalidPayload(f"payload {job.payload.reason}")
+    if not isinstance(job.payload, dict):
+        raise InvalidPayload(f"payload must be a JSON object, got {type(job.payload).__name__}")
+    if nested_deeper_than(job.payload, MAX_PAYLOAD_DEPTH):
+        raise InvalidPayload(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
+    defaults = job.type_defaults
+    if isinstance(defaults, Undecodable) or not isinstance(defaults, dict):
+        raise InvalidPayload(f"the defaults of job type {job.job_type} cannot be used")
     field = job.input_field
     value = job.payload.get(field)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise InvalidPayload(f"payload.{field} is required for job type {job.job_type}")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise InvalidPayload(f"payload.{field} must be text, got {type(value).__name__}")
+        raise InvalidPayload(f"payload.{field} must be text, got {_json_type(value)}")
+    if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
+        raise InvalidPayload(f"payload.{field} is {len(value)} characters; at most {MAX_INPUT_CHARS}")
     text = str(value).strip()
-    if len(text) > MAX_INPUT_CHARS:
-        raise InvalidPayload(f"payload.{field} is {len(text)} characters; at most {MAX_INPUT_CHARS}")
     options: dict[str, str] = {}
     for key, fallback in DEFAULT_RENDER_OPTIONS.items():
-        raw: Any = job.payload.get(key, job.type_defaults.get(key, fallback))
+        raw: Any = job.payload.get(key, defaults.get(key, fallback))
         if not isinstance(raw, str) or not raw.strip():
             raise InvalidPayload(f"payload.{key} must be non-empty text")
         if len(raw) > MAX_OPTION_CHARS:
@@ -72,6 +88,31 @@ def build_request(job: ClaimedJob) -> RenderRequest:
         length=options["length"],
         voice=options["voice"],
     )
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether a decoded JSON value nests containers more than ``limit`` deep (``{}`` is 1 deep).
+
+    Iterative, and it stops at the first container past the limit: safe on any input.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", bool: "boolean", str: "string", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def category_for_status(status_code: int) -> str:

@@ -278,8 +278,8 @@ def _read_answer(status: int, text: str, retry_after_header: str | None) -> Rend
             retry_after=retry_after,
         )
     try:
-        return RenderResult.model_validate(json.loads(text))
-    except (json.JSONDecodeError, ValidationError, TypeError) as exc:
+        return RenderResult.model_validate(json.loads(text, parse_constant=_no_constant))
+    except (ValueError, ValidationError, TypeError, RecursionError) as exc:  # whatever the body holds
         raise RenderError(
             "UNKNOWN",
             f"malformed answer from the orchestrator: {_short(exc)}",
@@ -288,7 +288,13 @@ def _read_answer(status: int, text: str, retry_after_header: str | None) -> Rend
         ) from exc
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _short(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:3])
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
     return str(exc)[:200]

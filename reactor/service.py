@@ -112,7 +112,7 @@ class Service:
     def _on_notice(self, notice: Notice) -> None:
         self.dispatcher.on_notice(notice)
         if not self._sweep_knows_leases and notice.channel == "reactor_events" and (
-                notice.payload.get("kind") == "started" or notice.payload.get("n", 0) > 1):
+                notice.kind == "started" or notice.n > 1):
             # the sweep slept with no lease to watch; work started somewhere: learn its lease
             self._sweep_knows_leases = True
             self._sweep_wake.set()

@@ -4,6 +4,16 @@
 SELECT * FROM reactor.finish_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,
                                        make_interval(secs => %(lease_s)s), %(clock)s)
 
+-- name: release_strays
+-- jobs this reactor holds but does not know of (it could not read the claim that took them): back
+-- to the queue without spending a retry while free requeues remain, failed after that
+UPDATE reactor.jobs j
+   SET status = CASE WHEN j.attempt - 1 - j.retry_count < %(free)s THEN 'queued' ELSE 'failed' END,
+       error_category = 'UNKNOWN',
+       error_message = 'the reactor could not read this job after claiming it: ' || %(reason)s
+ WHERE j.locked_by = %(reactor)s AND j.status = 'processing' AND NOT (j.id = ANY(%(known)s::uuid[]))
+RETURNING j.id, j.status
+
 -- name: renew_leases
 UPDATE reactor.jobs j
    SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
