@@ -62,7 +62,8 @@ class ServiceSettings:
     feed: FeedSettings | None = None
     #: the fleet's alerts, evaluated here (reactor/alerts.py)
     alerts: AlertSettings = field(default_factory=AlertSettings)
-    #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener is down this long
+    #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener (or a required part) is
+    #: down this long
     listener_grace_s: float = 120.0
     #: restarting a part that failed, and when to give up (reactor/supervise.py)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -109,6 +110,7 @@ class Service:
             self.metrics.watch(alerts_firing=lambda: alerts.firing, alert_names=ALERT_NAMES)
         self.systemd = Supervisor(Notifier.from_environ(), status=self._systemd_status,
                                   listener_connected=lambda: self.listener.connected,
+                                  parts_down=self.parts.down,
                                   feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)
         self.ready = anyio.Event()
         self.stopping = False
@@ -172,11 +174,9 @@ class Service:
         self._sweep_wake.set()
 
     def _systemd_status(self) -> str:
-        text = describe(stopping=self.stopping, inflight=len(self.dispatcher.inflight),
+        return describe(stopping=self.stopping, inflight=len(self.dispatcher.inflight),
                         circuit=self.dispatcher.circuit.state,
                         firing=self.alerts.firing if self.alerts is not None else ())
-        down = self.parts.down()
-        return f"{text}; down: {', '.join(down)}" if down else text
 
     def _feed_address(self) -> tuple[str, int] | None:
         if self.feed is None or self.feed.port is None:
