@@ -403,6 +403,7 @@ class Feed:
         authenticator: Authenticator | None = None,
         listener_connected: Callable[[], bool] = lambda: True,
         stopping: Callable[[], bool] = lambda: False,
+        parts: Callable[[], tuple[bool, Mapping[str, str]]] = lambda: (True, {}),
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(actor="")
@@ -414,6 +415,7 @@ class Feed:
         self._store = _Store(dsn, settings.pool_size)
         self._listener_connected = listener_connected
         self._stopping = stopping
+        self._parts = parts  # (every required part runs, each part's state): reactor/supervise.py
         self.routes: dict[str, HttpHandler] = {
             "/livez": self._livez, "/readyz": self._readyz, "/metrics": self._metrics,
         }
@@ -567,12 +569,14 @@ class Feed:
         problem = await self._store.ping(wait_s=2.0)
         listening = self._listener_connected()
         stopping = self._stopping()
-        ready = problem is None and listening and not stopping
+        parts_up, parts = self._parts()
+        ready = problem is None and listening and not stopping and parts_up
         body = {
             "ready": ready,
             "database": "ok" if problem is None else f"unavailable: {problem}",
             "listener": "connected" if listening else "disconnected",
             "stopping": stopping,
+            **({"parts": dict(parts)} if parts else {}),
         }
         return _json_response(200 if ready else 503, body)
 

@@ -1,7 +1,10 @@
 """The running reactor: one task group owns the listener, the dispatcher and the sweep.
 
 Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), the feed and probes
-(with ``--listen``: port bound), sweep; then ready.
+(with ``--listen``: port bound), sweep; then ready. Each of these parts (and the alert loop and the
+systemd watchdog) runs under a :class:`~reactor.supervise.PartSupervisor`: one that fails is
+restarted with backoff and reported on ``/readyz``; one that fails too often stops the reactor, and
+``run`` raises :class:`~reactor.supervise.PartFailed` (reactor/supervise.py).
 SIGTERM (or SIGINT) drains: stop claiming, let renders finish within the grace period, abort and
 return the rest to the queue without spending a retry, exit 0. A second signal aborts at once.
 """
@@ -15,11 +18,12 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import anyio
 from anyio.abc import TaskStatus
+from prometheus_client import Counter
 
 from reactor.alerts import ALERTS as ALERT_NAMES
 from reactor.alerts import Alerts, AlertSettings
@@ -29,6 +33,7 @@ from reactor.feed import Feed, FeedSettings
 from reactor.listener import Listener, Notice
 from reactor.metrics import Metrics
 from reactor.render import RenderClient
+from reactor.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
 from reactor.systemd import Notifier, Supervisor, describe
 
 __all__ = ["Service", "ServiceSettings", "new_reactor_id"]
@@ -57,8 +62,11 @@ class ServiceSettings:
     feed: FeedSettings | None = None
     #: the fleet's alerts, evaluated here (reactor/alerts.py)
     alerts: AlertSettings = field(default_factory=AlertSettings)
-    #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener is down this long
+    #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener (or a required part) is
+    #: down this long
     listener_grace_s: float = 120.0
+    #: restarting a part that failed, and when to give up (reactor/supervise.py)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 class Service:
@@ -82,11 +90,16 @@ class Service:
                            listener_reconnects=lambda: self.listener.reconnects,
                            circuit=lambda: (self.dispatcher.circuit.state,
                                             len(self.dispatcher.circuit.transitions)))
+        # a part that fails is restarted (and counted); one that fails too often stops the reactor
+        restarts = Counter("reactor_part_restarts", "Times a part of this reactor was restarted after it "
+                           "failed unexpectedly.", ["part"], registry=self.metrics.registry)
+        for part in ("dispatcher", "listener", "sweeper"):
+            restarts.labels(part)
+        self.parts = PartSupervisor(settings.restart, on_give_up=self._give_up,
+                                    on_restart=lambda name: restarts.labels(name).inc())
         self.feed: Feed | None = None
         if settings.feed is not None:
-            self.feed = Feed(settings.feed, settings.dsn, metrics=self.metrics,
-                             listener_connected=lambda: self.listener.connected,
-                             stopping=lambda: self.stopping)
+            self.feed = self._new_feed(settings.feed)
         self.alerts: Alerts | None = None
         if settings.alerts.enabled:
             self.alerts = Alerts(settings.alerts, self.db.pool, settings.reactor_id,
@@ -97,6 +110,7 @@ class Service:
             self.metrics.watch(alerts_firing=lambda: alerts.firing, alert_names=ALERT_NAMES)
         self.systemd = Supervisor(Notifier.from_environ(), status=self._systemd_status,
                                   listener_connected=lambda: self.listener.connected,
+                                  parts_down=self.parts.down,
                                   feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)
         self.ready = anyio.Event()
         self.stopping = False
@@ -104,6 +118,36 @@ class Service:
         self._sweep_knows_leases = False
         self._stop_requested = anyio.Event()
         self.swept_total = 0
+
+    def _new_feed(self, settings: FeedSettings, old: Feed | None = None) -> Feed:
+        return Feed(settings, self.settings.dsn, metrics=self.metrics,
+                    authenticator=old.auth if old is not None else None,
+                    listener_connected=lambda: self.listener.connected,
+                    stopping=lambda: self.stopping, parts=self.parts.report)
+
+    async def _run_feed(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        assert self.feed is not None
+        await self.feed.run(task_status=task_status)
+
+    def _renew_feed(self) -> None:
+        """Before a restart of the feed: a new Feed (its pool cannot be opened twice) on the same port."""
+        old = self.feed
+        assert old is not None and self.settings.feed is not None
+        self.feed = self._new_feed(replace(self.settings.feed, port=old.port or self.settings.feed.port), old)
+
+    def _renew_dispatcher(self) -> None:
+        """Before a restart of the dispatcher: nothing of its last run renders any more (its task group
+        cancelled and awaited every render), so no entry in ``inflight`` is live; the jobs they held are
+        left to the sweep (their lease runs out). Then re-read the queue."""
+        if self.dispatcher.inflight:
+            logger.warning("forgetting %d renders of the failed dispatcher (the sweep takes the jobs back)",
+                           len(self.dispatcher.inflight))
+            self.dispatcher.inflight.clear()
+        self.dispatcher.on_connect()
+
+    def _give_up(self, failed: PartFailed) -> None:
+        logger.error("reactor stopping: %s", failed, extra={"reactor": self.reactor_id, "part": failed.part})
+        self.request_stop()
 
     @property
     def reactor_id(self) -> str:
@@ -149,18 +193,24 @@ class Service:
             "reactor starting",
             extra={"reactor": self.reactor_id, "orchestrator": self.settings.orchestrator_url},
         )
+        supervise = self.parts.run
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self.dispatcher.run)
-                await tg.start(self.listener.run)
+                await tg.start(supervise, Part("dispatcher", self.dispatcher.run,
+                                               before_restart=self._renew_dispatcher))
+                await tg.start(supervise, Part("listener", self.listener.run))  # each (re)start re-reads
                 if self.feed is not None:
-                    await tg.start(self.feed.run)
-                tg.start_soon(self._sweeper)
+                    await tg.start(supervise, Part("feed", self._run_feed, before_restart=self._renew_feed))
+                await tg.start(supervise, Part("sweeper", self._sweeper))
                 if self.settings.handle_signals:
                     tg.start_soon(self._signals)
                 if self.alerts is not None:
-                    await tg.start(self.alerts.run)
-                await tg.start(self.systemd.run)  # READY=1 (feed port checked), then WATCHDOG=1
+                    await tg.start(supervise, Part("alerts", self.alerts.run, required=False))
+                # READY=1 (feed port checked), then WATCHDOG=1; without systemd it returns at once
+                if self.systemd.enabled:
+                    await tg.start(supervise, Part("systemd", self.systemd.run, required=False))
+                else:
+                    await tg.start(self.systemd.run)
                 self.ready.set()
                 task_status.started()
                 logger.info("reactor ready", extra={"reactor": self.reactor_id})
@@ -169,8 +219,14 @@ class Service:
                 self.systemd.stopping(self._systemd_status())
                 logger.info("stopping: no new jobs; waiting for renders in flight",
                             extra={"inflight": len(self.dispatcher.inflight)})
-                await self.dispatcher.drain()
+                failed = self.parts.gave_up
+                if failed is not None and failed.part == "dispatcher":
+                    logger.warning("the dispatcher is down: nothing to drain (the sweep takes its jobs back)")
+                else:
+                    await self.dispatcher.drain()
                 tg.cancel_scope.cancel()
+            if self.parts.gave_up is not None:
+                raise self.parts.gave_up  # `reactor run` exits non-zero: systemd starts a fresh process
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
@@ -196,9 +252,10 @@ class Service:
                     logger.warning("second signal: aborting renders in flight")
                     self.dispatcher.abort_all()
 
-    async def _sweeper(self) -> None:
+    async def _sweeper(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Every sweep_every_s, and when a lease is due to expire: take back what died."""
         s = self.settings
+        task_status.started()
         while True:
             next_at = time.monotonic() + s.sweep_every_s
             # a wake-up that arrives while this sweep runs (work started after its snapshot) must

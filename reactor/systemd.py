@@ -7,9 +7,10 @@ socket (a leading ``@`` means the abstract namespace), and, with ``WatchdogSec=`
 * ``READY=1`` once the database pool, the dispatcher, the LISTEN connection and (with ``--listen``)
   the feed are up: the feed's port is checked to answer first;
 * ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2`` from a task of the event loop, while the LISTEN
-  connection is up or has been down for less than ``listener_grace_s`` (120 s). A wedged event loop
-  sends nothing by construction, and a listener that cannot come back stops the pings too: systemd
-  kills the reactor (SIGABRT) and ``Restart=on-failure`` starts a fresh one;
+  connection is up or has been down for less than ``listener_grace_s`` (120 s), and so is every
+  required part of the service (reactor/supervise.py restarts a failed one). A wedged event loop
+  sends nothing by construction, and a listener or a part that cannot come back stops the pings too:
+  systemd kills the reactor (SIGABRT) and ``Restart=on-failure`` starts a fresh one;
 * ``STOPPING=1`` when SIGTERM starts the drain;
 * ``STATUS=...``: one line for ``systemctl status`` ("ready: 3 in flight, circuit closed",
   "draining 2 renders"), sent again whenever it changes (checked at each watchdog tick).
@@ -118,6 +119,7 @@ class Supervisor:
         *,
         status: Callable[[], str],
         listener_connected: Callable[[], bool] = lambda: True,
+        parts_down: Callable[[], Sequence[str]] = lambda: (),
         feed_address: Callable[[], tuple[str, int] | None] = lambda: None,
         listener_grace_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
@@ -125,11 +127,15 @@ class Supervisor:
         self.notifier = notifier
         self.status = status
         self.listener_connected = listener_connected
+        #: the required parts of the service that are not running (being restarted)
+        self.parts_down = parts_down
         self.feed_address = feed_address
         self.listener_grace_s = listener_grace_s
         self.clock = clock
         self.pings = 0
         self._down_since: float | None = None
+        self._parts_down_since: float | None = None
+        self._parts_down: Sequence[str] = ()
         self._last_status: str | None = None
         self._silenced = False
 
@@ -138,20 +144,29 @@ class Supervisor:
         return self.notifier.enabled
 
     def healthy(self) -> bool:
-        """True unless the LISTEN connection has been down for longer than the grace."""
+        """True unless the LISTEN connection, or a required part, has been down for longer than the grace."""
         now = self.clock()
         if self.listener_connected():
             self._down_since = None
-            return True
-        if self._down_since is None:
+        elif self._down_since is None:
             self._down_since = now
-        return now - self._down_since < self.listener_grace_s
+        self._parts_down = self.parts_down()
+        if not self._parts_down:
+            self._parts_down_since = None
+        elif self._parts_down_since is None:
+            self._parts_down_since = now
+        return all(since is None or now - since < self.listener_grace_s
+                   for since in (self._down_since, self._parts_down_since))
 
     def _status_line(self, healthy: bool) -> str:
         text = self.status()
+        stopped = "" if healthy else " (watchdog pings stopped)"
+        if self._parts_down_since is not None:
+            down = self.clock() - self._parts_down_since
+            text = f"{', '.join(self._parts_down)} down for {down:.0f} s{stopped}; {text}"
         if self._down_since is not None:
             down = self.clock() - self._down_since
-            text = f"listener disconnected for {down:.0f} s{'' if healthy else ' (watchdog pings stopped)'}; {text}"
+            text = f"listener disconnected for {down:.0f} s{stopped}; {text}"
         return text
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -186,8 +201,9 @@ class Supervisor:
             self._last_status = status
         if watchdog and not healthy and not self._silenced:
             self._silenced = True  # log it once per outage
-            logger.error("listener down for more than %.0f s: no more watchdog pings (systemd will restart us)",
-                         self.listener_grace_s)
+            what = "listener" if self._down_since is not None else ", ".join(self._parts_down)
+            logger.error("%s down for more than %.0f s: no more watchdog pings (systemd will restart us)",
+                         what, self.listener_grace_s)
         elif healthy:
             self._silenced = False
         self.notifier.send(*lines)

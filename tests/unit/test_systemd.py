@@ -214,3 +214,23 @@ async def test_stopping(receiver: NotifyReceiver) -> None:
     with anyio.fail_after(1):
         await disabled.run()  # returns at once: nothing to supervise
     disabled.stopping("draining 0 renders")
+
+
+def test_a_required_part_down_past_the_grace_stops_the_pings() -> None:
+    now = 0.0
+    down: list[str] = []
+    sup = Supervisor(Notifier(None), status=lambda: "ready", parts_down=lambda: down, listener_grace_s=120.0,
+                     clock=lambda: now)
+    assert sup.healthy()
+    down = ["feed"]
+    assert sup.healthy()  # down from now on
+    now = 119.0
+    assert sup.healthy() and sup._status_line(True) == "feed down for 119 s; ready"
+    now = 120.5
+    assert not sup.healthy()
+    assert sup._status_line(False) == "feed down for 120 s (watchdog pings stopped); ready"
+    down = []
+    assert sup.healthy() and sup._status_line(True) == "ready"
+    down = ["sweeper"]
+    now = 200.0
+    assert sup.healthy()  # a new outage: a new grace
