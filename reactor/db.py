@@ -161,8 +161,9 @@ class Database:
 
     async def release_strays(self, known: set[UUID], free_requeues: int, reason: str) -> list[dict[str, Any]]:
         """Put back jobs this reactor holds but does not know of (a claim whose answer could not be
-        read): queued again without spending a retry, or failed once ``free_requeues`` are spent,
-        so a job that breaks every read cannot loop. Returns their id and new status."""
+        read, a dispatcher that restarted): queued again without spending a retry, or failed once
+        ``free_requeues`` are spent, so a job that breaks every read cannot loop. ``reason`` becomes
+        their error message. Returns their id and new status."""
         return await self._rows("release_strays", {
             "reactor": self.reactor_id, "known": list(known), "free": free_requeues, "reason": reason[:500],
         })

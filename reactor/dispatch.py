@@ -182,6 +182,7 @@ class Dispatcher:
         self._tg: TaskGroup | None = None
         self._refusals = 0  # claims refused in a row by the database (not an outage)
         self._stopped = anyio.Event()  # set when claiming stops (drain, abort)
+        self._runs = 0  # how often run() started (more than once: restarted after a failure)
 
     # -- wake-ups ---------------------------------------------------------------------------------
 
@@ -223,6 +224,12 @@ class Dispatcher:
     # -- main loop --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Dispatch until cancelled. Run again after a failure (the service's supervisor does), it
+        first puts back, at once and without spending a retry, the jobs the failed run held: their
+        renders ended with it."""
+        if self._runs:
+            await self._release_strays([], "the reactor's dispatcher restarted while this job ran")
+        self._runs += 1
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._lease_loop)
@@ -327,7 +334,8 @@ class Dispatcher:
                 return await self._after_refusal(batch, room, exc)
             except Exception as exc:  # a bug reading the answer must not stop the reactor
                 logger.exception("the answer to a claim could not be read; putting back what it took")
-                return await self._release_strays(batch, f"{type(exc).__name__}: {exc}"), []
+                reason = f"the reactor could not read this job after claiming it: {type(exc).__name__}: {exc}"
+                return await self._release_strays(batch, reason), []
 
     async def _after_refusal(
         self, batch: list[Outcome], room: int, exc: StatementRefused
@@ -369,10 +377,12 @@ class Dispatcher:
             return set()
 
     async def _release_strays(self, batch: list[Outcome], reason: str) -> set[UUID]:
-        """After an unreadable answer: put back the jobs we hold but do not know (claimed by it, or
-        finished by us with an outcome it may not have written). Returns the outcomes written."""
+        """Put back the jobs we hold but do not render and have no outcome for: claimed by an answer
+        we could not read, finished with an outcome in ``batch`` that it may not have written, or
+        held by a run of ours that failed. Returns the outcomes of ``batch`` that were written."""
+        known = set(self.inflight) | {o.job_id for o in self._outbox}
         try:
-            rows = await self.store.release_strays(set(self.inflight), self.settings.free_requeues, reason)
+            rows = await self.store.release_strays(known, self.settings.free_requeues, reason)
         except Exception as exc:
             logger.error("cannot put back unknown jobs (the sweep will, when their lease ends): %s", exc)
             return set()

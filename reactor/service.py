@@ -137,10 +137,10 @@ class Service:
 
     def _renew_dispatcher(self) -> None:
         """Before a restart of the dispatcher: nothing of its last run renders any more (its task group
-        cancelled and awaited every render), so no entry in ``inflight`` is live; the jobs they held are
-        left to the sweep (their lease runs out). Then re-read the queue."""
+        cancelled and awaited every render), so no entry in ``inflight`` is live; the restarted run
+        puts the jobs they held back at once, without spending a retry. Then re-read the queue."""
         if self.dispatcher.inflight:
-            logger.warning("forgetting %d renders of the failed dispatcher (the sweep takes the jobs back)",
+            logger.warning("forgetting %d renders of the failed dispatcher (their jobs are put back)",
                            len(self.dispatcher.inflight))
             self.dispatcher.inflight.clear()
         self.dispatcher.on_connect()

@@ -5,12 +5,13 @@ SELECT * FROM reactor.finish_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,
                                        make_interval(secs => %(lease_s)s), %(clock)s)
 
 -- name: release_strays
--- jobs this reactor holds but does not know of (it could not read the claim that took them): back
--- to the queue without spending a retry while free requeues remain, failed after that
+-- jobs this reactor holds but neither renders nor has an outcome for (it could not read the claim
+-- that took them, or its dispatcher restarted): back to the queue without spending a retry while
+-- free requeues remain, failed after that
 UPDATE reactor.jobs j
    SET status = CASE WHEN j.attempt - 1 - j.retry_count < %(free)s THEN 'queued' ELSE 'failed' END,
        error_category = 'UNKNOWN',
-       error_message = 'the reactor could not read this job after claiming it: ' || %(reason)s
+       error_message = %(reason)s
  WHERE j.locked_by = %(reactor)s AND j.status = 'processing' AND NOT (j.id = ANY(%(known)s::uuid[]))
 RETURNING j.id, j.status
 

@@ -40,7 +40,8 @@ near_valid = st.fixed_dictionaries(
     optional={k: st.text(max_size=70) | json_values for k in ("style", "length", "voice", "cache")})
 deep_text = st.integers(0, 11_000).map(lambda d: '{"question": "q", "x": ' + "[" * d + "]" * d + "}")
 any_text = st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("utf-8", "replace"))
-payload_texts = near_valid.map(json.dumps) | payload_objects.map(json.dumps) | json_values.map(json.dumps) | deep_text | any_text
+payload_texts = (near_valid.map(json.dumps) | payload_objects.map(json.dumps) | json_values.map(json.dumps)
+                 | deep_text | any_text)
 
 
 class Probe:

@@ -151,23 +151,25 @@ async def test_a_failed_dispatcher_is_restarted_and_loses_no_job(
         slow = insert(db, "[[latency=4000]] held when the dispatcher fails")
         await until(lambda: orch.stats()["in_flight"] == 1, "the render to start", timeout=PATIENCE_S)
 
-        # the dispatcher's lease loop raises (renewed every second while a render is in flight)
-        renew = svc.db.renew
+        # a bug in one of the dispatcher's own decisions (every per-job and database error is caught
+        # below it): its loop raises
+        budget = svc.dispatcher.circuit.claim_budget
         calls = 0
 
-        async def renew_fails_once(held: Any, lease_s: float) -> set[Any]:
+        def budget_fails_once() -> int | None:
             nonlocal calls
             calls += 1
             if calls == 1:
-                raise RuntimeError("injected: renew broke")
-            return await renew(held, lease_s)
+                raise RuntimeError("injected: the claim budget broke")
+            return budget()
 
-        svc.db.renew = renew_fails_once  # type: ignore[method-assign]
+        svc.dispatcher.circuit.claim_budget = budget_fails_once  # type: ignore[method-assign]
+        svc.dispatcher.want_claim()
         await until(lambda: svc.parts.restarts("dispatcher") == 1, "the dispatcher to fail", timeout=PATIENCE_S)
         await until(lambda: svc.parts.states()["dispatcher"] == "running", "its restart", timeout=PATIENCE_S)
         assert not svc.stopping and svc.parts.states()["listener"] == "running"
-        # its render was cancelled with it; the job stays held until its lease runs out, then the sweep
-        # puts it back and the new dispatcher renders it: not lost, and never rendered twice at once
+        # its render was cancelled with it; the restarted dispatcher puts the job back at once (no
+        # retry spent, no lease to wait for) and renders it: not lost, never rendered twice at once
         await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (slow,), expect=lambda s: s == "completed",
                        timeout=PATIENCE_S)
         fresh = insert(db, "inserted after the restart")
@@ -176,11 +178,12 @@ async def test_a_failed_dispatcher_is_restarted_and_loses_no_job(
         stats = orch.stats()
         assert stats["max_in_flight"] == 1, stats
         assert [r["job_id"] for r in orch.requests].count(slow) == 2  # the cancelled attempt, then the one that ran
+        assert db.execute("SELECT retry_count, attempt FROM jobs WHERE id = %s", (slow,)).fetchone() == (0, 2)
     kinds = [r[0] for r in db.execute("SELECT kind FROM job_events WHERE job_id = %s ORDER BY seq", (slow,))]
     assert kinds == ["inserted", "started", "retrying", "started", "completed"], jobs_state(db)
     [logged] = failures_logged(caplog, "dispatcher")
     assert logged.exc_info is not None and logged.exc_info[1] is not None
-    assert describe_error(logged.exc_info[1]) == "RuntimeError: injected: renew broke"
+    assert describe_error(logged.exc_info[1]) == "RuntimeError: injected: the claim budget broke"
 
 
 async def test_a_failed_feed_is_restarted_on_the_same_port(dsn: str, db: Conn) -> None:
