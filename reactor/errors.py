@@ -8,6 +8,7 @@ Every error the reactor raises on purpose derives from :class:`ReactorError`::
     │   ├── MigrationError     the schema cannot be brought to the wanted version
     │   └── StatementRefused   the database refused a statement: the same one would fail again
     ├── EmbeddedPostgresError  the private PostgreSQL could not be set up or started
+    ├── PartFailed             a part of the reactor failed too often to be restarted
     └── RenderError            a render call failed; carries an error category
 """
 
@@ -18,6 +19,7 @@ __all__ = [
     "DatabaseError",
     "EmbeddedPostgresError",
     "MigrationError",
+    "PartFailed",
     "ReactorError",
     "RenderError",
     "StatementRefused",
@@ -47,6 +49,16 @@ class StatementRefused(DatabaseError):
 
 class EmbeddedPostgresError(ReactorError):
     """The private PostgreSQL could not be set up or started."""
+
+
+class PartFailed(ReactorError):
+    """A part of the reactor failed too often to be restarted: the process should exit."""
+
+    def __init__(self, part: str, failures: int, window_s: float, last: str) -> None:
+        super().__init__(f"{part} failed {failures} times within {window_s:g} s, giving up (last: {last})")
+        self.part = part
+        self.failures = failures
+        self.last = last
 
 
 class RenderError(ReactorError):

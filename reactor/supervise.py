@@ -49,7 +49,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
-from reactor.errors import ReactorError
+from reactor.errors import PartFailed
 
 __all__ = [
     "Part",
@@ -65,16 +65,6 @@ logger = logging.getLogger(__name__)
 
 RUNNING = "running"
 STARTING = "starting"
-
-
-class PartFailed(ReactorError):
-    """A part of the reactor failed too often to be restarted: the process should exit."""
-
-    def __init__(self, part: str, failures: int, window_s: float, last: str) -> None:
-        super().__init__(f"{part} failed {failures} times within {window_s:g} s, giving up (last: {last})")
-        self.part = part
-        self.failures = failures
-        self.last = last
 
 
 @dataclass(frozen=True)
