@@ -67,6 +67,7 @@ from reactor.auth import Authenticator, AuthError, AuthSettings, Principal, load
 from reactor.db import TRANSIENT_ERRORS, connect_kwargs
 from reactor.errors import ConfigError
 from reactor.listener import Notice
+from reactor.logs import add_secret, dsn_secrets, redact
 from reactor.metrics import CONTENT_TYPE, Metrics
 from reactor.sqlfiles import load_queries
 
@@ -541,6 +542,10 @@ class Feed:
             keys = load_jwks(settings.auth.jwks) if settings.auth.jwks else None
             authenticator = Authenticator(settings.auth, keys)
         self.auth = authenticator
+        # whatever goes wrong, these never reach a log line or an answer (reactor.logs hides them)
+        add_secret(settings.auth.jwt_secret)
+        for secret in dsn_secrets(dsn):
+            add_secret(secret)
         self._store = _Store(dsn, settings.pool_size)
         self._listener_connected = listener_connected
         self._stopping = stopping
@@ -729,6 +734,8 @@ class Feed:
 
     async def _readyz(self, request: Request) -> Response:
         problem = await self._store.ping(wait_s=2.0)
+        if problem is not None:
+            problem = redact(problem)  # unauthenticated callers read this
         listening = self._listener_connected()
         stopping = self._stopping()
         ready = problem is None and listening and not stopping

@@ -20,8 +20,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from reactor.feed import FeedSettings
+from reactor.auth import AuthSettings
+from reactor.feed import Feed, FeedSettings
 from reactor.logs import KeyValueFormatter
+from reactor.service import ServiceSettings
 from tests.integration.test_feed import (
     SECRET,
     USER_A,
@@ -344,3 +346,51 @@ async def test_requests_beyond_the_rate_close_that_client(
         assert 0 < len([m for m in map(json.loads, got) if m["type"] == "job"]) < 200
         await still_served(good, db)
     assert_clean_log(logs)
+
+
+# -- g. secrets in reprs, log lines and errors ---------------------------------------------------------------
+
+
+PASSWORD = "s3cr@t-pw"  # with an "@": a DSN parser that stops at the first one shows the rest
+
+
+async def test_secrets_stay_out_of_reprs_logs_and_answers(
+    dsn: str, db: psycopg.Connection[Any], logs: pytest.LogCaptureFixture,
+) -> None:
+    info = db.info
+    # a key=value DSN with a password (the test cluster trusts local connections, so it connects)
+    kv_dsn = f"host={info.host} port={info.port} user={info.user} dbname={info.dbname} password={PASSWORD}"
+    feed_settings = FeedSettings(auth=AuthSettings(jwt_secret=SECRET))
+    for settings in (feed_settings, feed_settings.auth):
+        assert SECRET not in repr(settings) and SECRET not in str(settings)
+    async with feed_reactor(kv_dsn, ORCHESTRATOR) as svc, httpx.AsyncClient(base_url=http_base(svc)) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        async with connect(url(svc)) as bad:
+            await bad.send(json.dumps({"type": "auth", "token": jwt.encode(
+                {"role": "service_role", "exp": int(time.time()) + 60}, "wrong-secret-0123456789abcdefghijkl",
+                algorithm="HS256")}))
+            assert (await closed_with(bad))[:2] == (1008, "bad signature")
+        # a failed connection, logged: the URL form, where libpq reads the host as "t-pw@127.0.0.1"
+        url_dsn = f"postgresql://{info.user}:{PASSWORD}@127.0.0.1:{info.port}/{info.dbname}"
+        broken = Feed(replace_dsn(svc.settings), url_dsn)
+        answer = await anyio.to_thread.run_sync(broken._requests._run, "pause", None, {}, "admin:test")
+        assert answer == {"error": "database unavailable"}
+        with pytest.raises(psycopg.Error) as failed:
+            psycopg.connect(url_dsn, connect_timeout=2)
+        assert "t-pw@" in str(failed.value)  # what libpq says, and what must not reach a log or an answer
+    text = "\n".join(lines(logs))
+    assert "cannot connect" in text  # the failed connection was logged...
+    for secret in (PASSWORD, "t-pw@", SECRET):
+        assert secret not in text  # ...without the password, whole or in part
+    assert_clean_log(logs, refused=1)
+
+
+def replace_dsn(settings: ServiceSettings) -> FeedSettings:
+    assert settings.feed is not None
+    return settings.feed
+
+
+@pytest.mark.xfail(reason="ServiceSettings lives in reactor/service.py (not the feed's): its dsn is in its repr")
+def test_service_settings_repr_hides_the_dsn_password() -> None:
+    settings = ServiceSettings(dsn=f"postgresql://u:{PASSWORD}@db.example/app", orchestrator_url="http://o")
+    assert PASSWORD not in repr(settings)
