@@ -141,6 +141,15 @@ class FeedSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("max_clients", "request_burst", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"the feed's {name} must be at least 1")
+        if self.max_unauthenticated is not None and self.max_unauthenticated < 1:
+            raise ConfigError("the feed's max_unauthenticated must be at least 1")
+        if not self.request_rate > 0:
+            raise ConfigError("the feed's request_rate must be above 0")
+
     @property
     def unauthenticated_limit(self) -> int:
         if self.max_unauthenticated is not None:

@@ -161,3 +161,38 @@ def test_the_bucket_ignores_a_clock_going_back() -> None:
     assert not bucket.take(5.0)
     assert not bucket.take(5.5)
     assert bucket.take(6.6)
+
+
+# -- settings ----------------------------------------------------------------------------------------
+
+
+def test_the_feed_flags_reach_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reactor.cli import _feed_settings, build_parser
+    from reactor.feed import FeedSettings
+
+    monkeypatch.setenv("REACTOR_JWT_SECRET", "cli-secret-0123456789abcdef-0123456789")
+    args = build_parser().parse_args([
+        "run", "--listen", "127.0.0.1:0", "--max-clients", "600", "--max-unauthenticated", "50",
+        "--request-rate", "5", "--request-burst", "10",
+    ])
+    settings = _feed_settings(args)
+    assert isinstance(settings, FeedSettings)
+    assert (settings.max_clients, settings.unauthenticated_limit) == (600, 50)
+    assert (settings.request_rate, settings.request_burst) == (5.0, 10)
+    assert "cli-secret" not in repr(settings)
+    defaults = _feed_settings(build_parser().parse_args(["run", "--listen", ":0"]))
+    assert isinstance(defaults, FeedSettings)
+    assert (defaults.max_clients, defaults.unauthenticated_limit) == (1000, 500)
+    assert (defaults.request_rate, defaults.request_burst) == (20.0, 40)
+    assert FeedSettings(auth=defaults.auth, max_clients=50).unauthenticated_limit == 100
+
+
+@pytest.mark.parametrize("bad", [{"max_clients": 0}, {"max_unauthenticated": 0}, {"request_rate": 0.0},
+                                 {"request_burst": 0}])
+def test_nonsense_feed_limits_fail_fast(bad: dict[str, object]) -> None:
+    from reactor.auth import AuthSettings
+    from reactor.errors import ConfigError
+    from reactor.feed import FeedSettings
+
+    with pytest.raises(ConfigError, match="must be"):
+        FeedSettings(auth=AuthSettings(jwt_secret="x" * 32), **bad)  # type: ignore[arg-type]
