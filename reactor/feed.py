@@ -835,17 +835,7 @@ class Feed:
                 conn.auth_scope = None
         if raw is None:  # pushed out by newer connections before it authenticated
             raise _Refused(_TRY_LATER, "too many unauthenticated connections", "unauthenticated")
-        msg = _parse(raw)
-        if msg.get("type") != "auth":
-            raise _Refused(_POLICY, "expected an auth message first", "bad_message")
-        since: int | None = None
-        if msg.get("since") is not None:
-            since = _nonneg_int(msg["since"])
-            if since is None:
-                raise _Refused(_POLICY, "malformed message: since must be a whole number", "bad_message")
-        token = msg.get("token")
-        if not isinstance(token, str) or not token:
-            raise _Refused(_POLICY, "malformed message: token must be a string", "bad_message")
+        token, since = _auth_message(_parse(raw))
         try:
             return await self.auth.authenticate(token), since
         except AuthError as exc:
@@ -1355,6 +1345,21 @@ def _parse(raw: str | bytes) -> dict[str, Any]:
     if not _valid_strings(msg):
         raise _Refused(_POLICY, "malformed message: invalid unicode", "bad_message")
     return msg
+
+
+def _auth_message(msg: Mapping[str, Any]) -> tuple[str, int | None]:
+    """The token and the ``since`` of a first message, which must be ``auth``; raises :class:`_Refused`."""
+    if msg.get("type") != "auth":
+        raise _Refused(_POLICY, "expected an auth message first", "bad_message")
+    since: int | None = None
+    if msg.get("since") is not None:
+        since = _nonneg_int(msg["since"])
+        if since is None:
+            raise _Refused(_POLICY, "malformed message: since must be a whole number", "bad_message")
+    token = msg.get("token")
+    if not isinstance(token, str) or not token:
+        raise _Refused(_POLICY, "malformed message: token must be a string", "bad_message")
+    return token, since
 
 
 def _nonneg_int(value: object) -> int | None:

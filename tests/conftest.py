@@ -16,6 +16,7 @@ from pytest_postgresql import factories
 
 from reactor.embedded import EmbeddedPostgres
 from reactor.migrations import migrate_up
+from tests import hypothesis_profiles  # noqa: F401  (registers the Hypothesis profiles)
 
 
 @pytest.fixture(scope="session")
