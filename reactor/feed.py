@@ -10,7 +10,10 @@ Protocol (every message is a JSON object with a ``type``; see README, "Live feed
   401), or with a first message ``{"type": "auth", "token": "...", "since": N?}`` (browsers; within
   ``auth_timeout_s``). Nothing is sent before a token is accepted; a refusal closes with 1008 and
   the reason. A later ``auth`` message for the same identity extends the session; at ``exp`` the
-  connection is closed with 1008 "token expired";
+  connection is closed with 1008 "token expired". Every message is untrusted: one the parser
+  refuses (too deep, odd numbers, bad unicode), one too many (``request_rate``), or a connection
+  idle too long among too many others that never signed in (``max_unauthenticated``: the oldest is
+  pushed out) closes that client alone; see README, "Limits";
 * then ``snapshot`` ``{seq, stats, jobs, queue}``, or, with ``?since=N`` (or ``"since"``),
   ``resumed`` and exactly the events after N that the caller may see; when those are no longer
   kept, ``resync`` and a fresh snapshot;
@@ -90,6 +93,8 @@ _POLICY = CloseCode.POLICY_VIOLATION  # 1008: authentication, malformed messages
 _UNSUPPORTED = CloseCode.UNSUPPORTED_DATA  # 1003: binary messages
 _TRY_LATER = CloseCode.TRY_AGAIN_LATER  # 1013: too slow, too many clients
 _INTERNAL = CloseCode.INTERNAL_ERROR  # 1011
+#: closes logged (one line each): what the client sent was refused. Not logged: expiry, load shedding
+_LOGGED_REFUSALS = frozenset({"bad_message", "auth", "rate_limited"})
 
 
 @dataclass(frozen=True)
@@ -794,7 +799,7 @@ class Feed:
                 tg.start_soon(self._session, client, since)
         except _Refused as exc:
             self.metrics.client_dropped(exc.metric)
-            if exc.code == _POLICY or exc.code == _UNSUPPORTED:
+            if exc.metric in _LOGGED_REFUSALS:
                 self._refused(ws, exc.code, exc.reason, exc.metric)
             await self._close(ws, exc.code, exc.reason)
             return
@@ -806,7 +811,7 @@ class Feed:
         if client.close_code is not None:
             if client.close_metric:
                 self.metrics.client_dropped(client.close_metric)
-            if client.close_code == _POLICY or client.close_code == _UNSUPPORTED:
+            if client.close_metric in _LOGGED_REFUSALS:
                 self._refused(ws, client.close_code, client.close_reason, client.close_metric)
             await self._close(ws, client.close_code, client.close_reason)
 
