@@ -23,12 +23,14 @@ What a caller may see (:class:`Principal`):
 
 from __future__ import annotations
 
+import binascii
 import json
 import logging
+import math
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,6 +40,7 @@ import jwt
 from jwt.exceptions import PyJWKError
 
 from reactor.errors import ConfigError, ReactorError
+from reactor.logs import redact
 from reactor.models import parse_uuid
 
 __all__ = [
@@ -56,6 +59,14 @@ logger = logging.getLogger(__name__)
 #: the algorithm each kind of key verifies with (nothing else is ever accepted)
 SECRET_ALGORITHM = "HS256"
 JWKS_ALGORITHMS = frozenset({"RS256", "ES256"})
+#: what PyJWT (any version we accept) and the JSON decoder may raise on a hostile token; each is a
+#: refusal, never a crash: a header whose ``alg`` is a list, claims nested 5,000 deep, ``exp: 1e999``
+_TOKEN_ERRORS: tuple[type[Exception], ...] = (
+    jwt.PyJWTError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+    RecursionError, binascii.Error, UnicodeError,
+)
+#: the latest exp accepted (year 9999): anything later is not a time
+_MAX_EXP = 253_402_300_799
 
 
 class AuthError(ReactorError):
@@ -68,8 +79,8 @@ class UnknownKeyError(AuthError):
 
 @dataclass(frozen=True)
 class AuthSettings:
-    #: the HS256 shared secret; None: HS256 tokens are refused
-    jwt_secret: str | None = None
+    #: the HS256 shared secret; None: HS256 tokens are refused (never in a repr: settings get logged)
+    jwt_secret: str | None = field(default=None, repr=False)
     #: a JWKS document: a file path or an http(s) URL; None: ES256/RS256 tokens are refused
     jwks: str | None = None
     #: the audience tokens must carry, if any (Supabase user tokens carry "authenticated")
@@ -167,12 +178,12 @@ def load_jwks(source: str, *, timeout_s: float = 10.0) -> KeySet:
             text = Path(source).read_text()
         document = json.loads(text)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the JWKS {source}: {exc}") from exc
+        raise ConfigError(f"cannot read the JWKS {redact(source)}: {redact(str(exc))}") from exc
     if not isinstance(document, dict):
-        raise ConfigError(f"the JWKS {source} is not a JSON object")
+        raise ConfigError(f"the JWKS {redact(source)} is not a JSON object")
     keys = KeySet.from_jwks(document)
     if not keys.keys:
-        raise ConfigError(f"the JWKS {source} holds no RS256 or ES256 signing key")
+        raise ConfigError(f"the JWKS {redact(source)} holds no RS256 or ES256 signing key")
     return keys
 
 
@@ -204,6 +215,9 @@ def principal_from_claims(claims: Mapping[str, Any], audience: str | None = None
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise AuthError("token has no exp")
+    # compared as a number before any float(): 10**400 would overflow, NaN compares false
+    if not 0 <= exp <= _MAX_EXP or not math.isfinite(exp):
+        raise AuthError("token exp is out of range")
     return Principal(admin=admin, user_id=user_id, role=role, expires_at=float(exp))
 
 
@@ -225,22 +239,32 @@ class Authenticator:
             self._last_load = self._clock()
 
     def verify(self, token: str) -> Principal:
-        """The caller a token speaks for; raises :class:`AuthError` with a short reason."""
+        """The caller a token speaks for; raises :class:`AuthError` with a short reason (and nothing
+        else, whatever the token holds)."""
         if not isinstance(token, str) or not token:
             raise AuthError("no token")
+        if not token.isascii():
+            raise AuthError("malformed token")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError as exc:
+        except _TOKEN_ERRORS as exc:
             raise AuthError("malformed token") from exc
-        alg = header.get("alg")
+        if not isinstance(header, dict):
+            raise AuthError("malformed token")
+        # the header is the attacker's: check each field's type before using it
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str):
+            raise AuthError("token header has no alg")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("token header kid must be a string")
         key: Any
         if alg == SECRET_ALGORITHM and self.settings.jwt_secret:
             key, algorithm = self.settings.jwt_secret, SECRET_ALGORITHM
         elif alg in JWKS_ALGORITHMS and self.settings.jwks:
-            found = self.keys.find(header.get("kid"), str(alg))
+            found = self.keys.find(kid, alg)
             key, algorithm = found.key, found.algorithm
         else:
-            raise AuthError(f"algorithm {str(alg)[:16]!r} is not accepted")
+            raise AuthError(f"algorithm {alg[:16]!r} is not accepted")
         try:
             claims = jwt.decode(
                 token, key, algorithms=[algorithm], leeway=self.settings.leeway_s,
@@ -254,8 +278,10 @@ class Authenticator:
             raise AuthError(f"token has no {exc.claim}") from exc
         except jwt.ImmatureSignatureError as exc:
             raise AuthError("token not valid yet") from exc
-        except jwt.InvalidTokenError as exc:
+        except _TOKEN_ERRORS as exc:
             raise AuthError("invalid token") from exc
+        if not isinstance(claims, dict):
+            raise AuthError("invalid token")
         return principal_from_claims(claims, self.settings.audience)
 
     async def authenticate(self, token: str) -> Principal:
@@ -278,7 +304,7 @@ class Authenticator:
         try:
             self.keys = await anyio.to_thread.run_sync(load_jwks, source)
         except ConfigError as exc:
-            logger.warning("keeping the old signing keys: %s", exc)
+            logger.warning("keeping the old signing keys: %s", exc)  # ConfigError: redacted already
             return False
         return True
 

@@ -93,7 +93,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jwt-audience", metavar="AUD", help="the aud tokens must carry (e.g. authenticated)")
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser Origin allowed to connect (repeatable; default: any)")
-    g.add_argument("--max-clients", type=int, default=1000, help="feed connections at most (more: HTTP 503)")
+    g.add_argument("--max-clients", type=int, default=1000,
+                   help="signed-in feed clients at most (more: HTTP 503, or 1013 after an auth message)")
+    g.add_argument("--max-unauthenticated", type=int, default=None, metavar="N",
+                   help="connections not signed in yet at most; one more pushes out the oldest "
+                        "(default: max(100, max-clients / 2))")
+    g.add_argument("--request-rate", type=float, default=20.0, metavar="PER_S",
+                   help="messages a signed-in client may send a second, on average (beyond: closed, 1008)")
+    g.add_argument("--request-burst", type=int, default=40, metavar="N",
+                   help="messages a signed-in client may send at once")
     g.add_argument("--tls-cert", metavar="PEM", help="serve https/wss: certificate chain ($REACTOR_TLS_CERT)")
     g.add_argument("--tls-key", metavar="PEM", help="serve https/wss: private key ($REACTOR_TLS_KEY)")
 
@@ -130,7 +138,8 @@ def _feed_settings(args: argparse.Namespace) -> object:
     tls_context(cert, key)  # fail now, with a clear message, on a missing or unreadable file
     return FeedSettings(
         auth=auth, host=host, port=port, allowed_origins=tuple(args.allowed_origin),
-        max_clients=args.max_clients, tls_cert=cert, tls_key=key,
+        max_clients=args.max_clients, max_unauthenticated=args.max_unauthenticated,
+        request_rate=args.request_rate, request_burst=args.request_burst, tls_cert=cert, tls_key=key,
     )
 
 

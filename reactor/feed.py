@@ -10,7 +10,10 @@ Protocol (every message is a JSON object with a ``type``; see README, "Live feed
   401), or with a first message ``{"type": "auth", "token": "...", "since": N?}`` (browsers; within
   ``auth_timeout_s``). Nothing is sent before a token is accepted; a refusal closes with 1008 and
   the reason. A later ``auth`` message for the same identity extends the session; at ``exp`` the
-  connection is closed with 1008 "token expired";
+  connection is closed with 1008 "token expired". Every message is untrusted: one the parser
+  refuses (too deep, odd numbers, bad unicode), one too many (``request_rate``), or a connection
+  idle too long among too many others that never signed in (``max_unauthenticated``: the oldest is
+  pushed out) closes that client alone; see README, "Limits";
 * then ``snapshot`` ``{seq, stats, jobs, queue}``, or, with ``?since=N`` (or ``"since"``),
   ``resumed`` and exactly the events after N that the caller may see; when those are no longer
   kept, ``resync`` and a fresh snapshot;
@@ -35,6 +38,8 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
+import re
 import socket
 import ssl
 import time
@@ -43,7 +48,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs
 from uuid import UUID
 
@@ -65,6 +70,7 @@ from reactor.auth import Authenticator, AuthError, AuthSettings, Principal, load
 from reactor.db import TRANSIENT_ERRORS, connect_kwargs
 from reactor.errors import ConfigError
 from reactor.listener import Notice
+from reactor.logs import add_secret, dsn_secrets, redact
 from reactor.metrics import CONTENT_TYPE, Metrics
 from reactor.sqlfiles import load_queries
 
@@ -87,6 +93,8 @@ _POLICY = CloseCode.POLICY_VIOLATION  # 1008: authentication, malformed messages
 _UNSUPPORTED = CloseCode.UNSUPPORTED_DATA  # 1003: binary messages
 _TRY_LATER = CloseCode.TRY_AGAIN_LATER  # 1013: too slow, too many clients
 _INTERNAL = CloseCode.INTERNAL_ERROR  # 1011
+#: closes logged (one line each): what the client sent was refused. Not logged: expiry, load shedding
+_LOGGED_REFUSALS = frozenset({"bad_message", "auth", "rate_limited"})
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,18 @@ class FeedSettings:
     #: Origin values browsers may connect from; empty: any. Clients that send no Origin (servers,
     #: scripts: not a browser page) are always let through to authenticate.
     allowed_origins: tuple[str, ...] = ()
+    #: authenticated clients at most (more: HTTP 503, or 1013 "too many clients" after an auth message)
     max_clients: int = 1000
+    #: connections not yet authenticated at most (from the TCP accept to a token accepted; HTTP
+    #: requests included); one more pushes out the oldest. None: max(100, max_clients // 2)
+    max_unauthenticated: int | None = None
     #: largest message a client may send (an auth message with its token)
     max_message_bytes: int = 8192
     auth_timeout_s: float = 5.0
+    #: messages a signed-in client may send (dashboard requests, fresh tokens): this many a second on
+    #: average, in bursts of up to ``request_burst``; beyond that it is closed with 1008 "too many requests"
+    request_rate: float = 20.0
+    request_burst: int = 40
     heartbeat_s: float = 15.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
@@ -129,6 +145,21 @@ class FeedSettings:
     #: serve https/wss with this certificate chain and key (PEM); None: plain http/ws
     tls_cert: str | None = None
     tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_clients", "request_burst", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"the feed's {name} must be at least 1")
+        if self.max_unauthenticated is not None and self.max_unauthenticated < 1:
+            raise ConfigError("the feed's max_unauthenticated must be at least 1")
+        if not self.request_rate > 0:
+            raise ConfigError("the feed's request_rate must be above 0")
+
+    @property
+    def unauthenticated_limit(self) -> int:
+        if self.max_unauthenticated is not None:
+            return self.max_unauthenticated
+        return max(100, self.max_clients // 2)
 
 
 def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -270,6 +301,118 @@ class _Refused(Exception):
         self.metric = metric
 
 
+class _BadRequest(Exception):
+    """An HTTP request refused at the handshake with 400 and this reason."""
+
+
+K = TypeVar("K")
+
+
+class _Gate(Generic[K]):
+    """Who holds the feed's connections: bookkeeping only, no I/O (the feed acts on its answers).
+
+    Every connection starts unauthenticated, from its TCP accept (plain HTTP requests too) until a
+    token is accepted, and at most ``max_unauthenticated`` are: one more pushes out the oldest, which
+    has had the longest to sign in (a browser sends its token within milliseconds of connecting; an
+    idle socket never does). Authenticated connections are at most ``max_clients``; nothing unsigned
+    can take their places, and they are never pushed out.
+    """
+
+    def __init__(self, max_clients: int, max_unauthenticated: int) -> None:
+        self.max_clients = max_clients
+        self.max_unauthenticated = max(1, max_unauthenticated)
+        self._waiting: dict[K, None] = {}  # in the order they connected
+        self._authenticated: set[K] = set()
+
+    @property
+    def unauthenticated(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def authenticated(self) -> int:
+        return len(self._authenticated)
+
+    @property
+    def full(self) -> bool:
+        """No room for another authenticated connection."""
+        return len(self._authenticated) >= self.max_clients
+
+    def opened(self, conn: K) -> K | None:
+        """A new connection (unauthenticated); returns the one it pushes out, if any."""
+        victim: K | None = None
+        if len(self._waiting) >= self.max_unauthenticated:
+            victim = next(iter(self._waiting))
+            del self._waiting[victim]
+        self._waiting[conn] = None
+        return victim
+
+    def authenticate(self, conn: K) -> bool:
+        """A token was accepted: True if the connection may stay; False if ``max_clients`` are
+        connected, or if it is no longer known (pushed out, or closed meanwhile)."""
+        if conn in self._authenticated:
+            return True
+        if self.full or conn not in self._waiting:
+            return False
+        del self._waiting[conn]
+        self._authenticated.add(conn)
+        return True
+
+    def closed(self, conn: K) -> None:
+        self._waiting.pop(conn, None)
+        self._authenticated.discard(conn)
+
+
+class _TokenBucket:
+    """A client's request budget: ``rate`` a second on average, ``burst`` at once (``now`` is passed in)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self._tokens = self.burst
+        self._stamp: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        if self._stamp is not None:
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class _Connection(ServerConnection):
+    """A feed connection, known to the feed's :class:`_Gate` from its first byte to its last."""
+
+    gate: _Gate[_Connection]  # set on the subclass each Feed makes (see Feed._connection_class)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: pushed out by newer unauthenticated connections
+        self.evicted = False
+        #: set while the handler waits for the first message (an eviction cancels it)
+        self.auth_scope: anyio.CancelScope | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        victim = self.gate.opened(self)
+        if victim is not None:
+            victim.evict()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gate.closed(self)
+        super().connection_lost(exc)
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self.auth_scope is not None:
+            self.auth_scope.cancel()  # the handler closes it with 1013
+        elif self.protocol.state is not State.OPEN:
+            self.transport.abort()  # still in its HTTP handshake (or an HTTP request): cut off
+        # else: open, its handler not yet waiting for the auth message; it sees ``evicted`` there
+
+
 @dataclass
 class _Handshake:
     principal: Principal | None
@@ -280,6 +423,8 @@ class _Handshake:
 class _Client:
     ws: ServerConnection
     principal: Principal
+    #: its messages' budget (dashboard requests, fresh tokens)
+    bucket: _TokenBucket = field(default_factory=lambda: _TokenBucket(20.0, 40.0))
     #: the last seq this client was sent or skipped (not its to see)
     cursor: int = 0
     #: events up to here may be read from the database (catching up after a (re)connect)
@@ -412,6 +557,10 @@ class Feed:
             keys = load_jwks(settings.auth.jwks) if settings.auth.jwks else None
             authenticator = Authenticator(settings.auth, keys)
         self.auth = authenticator
+        # whatever goes wrong, these never reach a log line or an answer (reactor.logs hides them)
+        add_secret(settings.auth.jwt_secret)
+        for secret in dsn_secrets(dsn):
+            add_secret(secret)
         self._store = _Store(dsn, settings.pool_size)
         self._listener_connected = listener_connected
         self._stopping = stopping
@@ -427,7 +576,9 @@ class Feed:
         self._ring = _Ring(settings.max_lag, 0)
         self._clients: set[_Client] = set()
         self._users: dict[UUID, set[_Client]] = {}
-        self._connections = 0
+        self._gate: _Gate[_Connection] = _Gate(settings.max_clients, settings.unauthenticated_limit)
+        self._refusal_log = _TokenBucket(rate=10.0, burst=50.0)  # refusals logged, at most
+        self._refusals_unlogged = 0
         self._handshakes: weakref.WeakKeyDictionary[ServerConnection, _Handshake] = weakref.WeakKeyDictionary()
         self._pump_wake = anyio.Event()
         self._stats_wake = anyio.Event()
@@ -448,6 +599,20 @@ class Feed:
     def clients(self) -> int:
         """Authenticated clients connected now."""
         return len(self._clients)
+
+    @property
+    def unauthenticated(self) -> int:
+        """Connections open now that have not (yet) authenticated."""
+        return self._gate.unauthenticated
+
+    def _connection_class(self) -> type[_Connection]:
+        gate = self._gate
+
+        class Connection(_Connection):
+            pass
+
+        Connection.gate = gate
+        return Connection
 
     @property
     def last_seq(self) -> int:
@@ -503,7 +668,7 @@ class Feed:
                     "--tls-key, or terminate TLS in a reverse proxy (deploy/nginx-reactor.conf)", s.host)
             server = await serve(
                 self._handler, s.host, s.port, ssl=tls,
-                process_request=self._process_request,
+                process_request=self._process_request, create_connection=self._connection_class(),
                 compression=None,  # frames are written once for all clients; deflate is per client
                 max_size=s.max_message_bytes, max_queue=4, write_limit=s.write_buffer_bytes,
                 ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
@@ -536,19 +701,23 @@ class Feed:
                 return http_response(404, "not found\n")
             return await route(request)
         s = self.settings
-        origin = request.headers.get("Origin")
+        try:
+            origin = _single_header(request.headers, "Origin")
+            header = _single_header(request.headers, "Authorization")
+            since: int | None = None
+            values = parse_qs(query).get("since")
+            if values:
+                since = _nonneg_int(values[0])
+                if since is None:
+                    raise _BadRequest("since must be a whole number")
+        except _BadRequest as exc:
+            self._refused(ws, 400, str(exc), "bad_request")
+            return http_response(400, f"{exc}\n")
         if s.allowed_origins and origin is not None and origin not in s.allowed_origins:
             return http_response(403, "origin not allowed\n")
-        if self._connections >= s.max_clients:
+        if self._gate.full:
             return http_response(503, "too many clients\n", headers={"Retry-After": "5"})
-        since: int | None = None
-        values = parse_qs(query).get("since")
-        if values:
-            since = _nonneg_int(values[0])
-            if since is None:
-                return http_response(400, "since must be a whole number\n")
         principal: Principal | None = None
-        header = request.headers.get("Authorization")
         if header is not None:
             scheme, _, token = header.strip().partition(" ")
             try:
@@ -557,16 +726,32 @@ class Feed:
                 principal = await self.auth.authenticate(token.strip())
             except AuthError as exc:
                 self.metrics.client_dropped("auth")
+                self._refused(ws, 401, str(exc), "auth")
                 return http_response(401, f"invalid token: {exc}\n",
                                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            if not isinstance(ws, _Connection) or not self._gate.authenticate(ws):
+                return http_response(503, "too many clients\n", headers={"Retry-After": "5"})
         self._handshakes[ws] = _Handshake(principal, since)
         return None
+
+    def _refused(self, ws: ServerConnection, code: int, reason: str, metric: str) -> None:
+        """One log line for a client refused for what it sent (at most ~10 a second under a flood;
+        the next line says how many were not logged)."""
+        if not self._refusal_log.take(time.monotonic()):
+            self._refusals_unlogged += 1
+            return
+        extra: dict[str, object] = {"code": code, "why": metric, "peer": _peer(ws)}
+        if self._refusals_unlogged:
+            extra["unlogged_before"], self._refusals_unlogged = self._refusals_unlogged, 0
+        logger.info("feed client refused: %s", reason, extra=extra)
 
     async def _livez(self, request: Request) -> Response:
         return http_response(200, "ok\n")
 
     async def _readyz(self, request: Request) -> Response:
         problem = await self._store.ping(wait_s=2.0)
+        if problem is not None:
+            problem = redact(problem)  # unauthenticated callers read this
         listening = self._listener_connected()
         stopping = self._stopping()
         parts_up, parts = self._parts()
@@ -595,20 +780,22 @@ class Feed:
 
     async def _handler(self, ws: ServerConnection) -> None:
         handshake = self._handshakes.pop(ws, None) or _Handshake(None, None)
-        self._connections += 1
         if self.settings.send_buffer_bytes is not None:
             sock = ws.transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer_bytes)
         client: _Client | None = None
         try:
-            if self._connections > self.settings.max_clients:
-                raise _Refused(_TRY_LATER, "too many clients", "too_many_clients")
             principal, since = handshake.principal, handshake.since
             if principal is None:
                 principal, first_since = await self._first_message(ws)
                 since = first_since if first_since is not None else since
-            client = _Client(ws, principal)
+                if isinstance(ws, _Connection) and not self._gate.authenticate(ws):
+                    if ws.evicted:
+                        raise _Refused(_TRY_LATER, "too many unauthenticated connections", "unauthenticated")
+                    raise _Refused(_TRY_LATER, "too many clients", "too_many_clients")
+            client = _Client(ws, principal, bucket=_TokenBucket(self.settings.request_rate,
+                                                                 self.settings.request_burst))
             async with anyio.create_task_group() as tg:
                 client.scope = tg.cancel_scope
                 tg.start_soon(self._reader, client)
@@ -616,17 +803,20 @@ class Feed:
                 tg.start_soon(self._session, client, since)
         except _Refused as exc:
             self.metrics.client_dropped(exc.metric)
+            if exc.metric in _LOGGED_REFUSALS:
+                self._refused(ws, exc.code, exc.reason, exc.metric)
             await self._close(ws, exc.code, exc.reason)
             return
         except ConnectionClosed:
             return
         finally:
-            self._connections -= 1
             if client is not None:
                 self._unregister(client)
         if client.close_code is not None:
             if client.close_metric:
                 self.metrics.client_dropped(client.close_metric)
+            if client.close_metric in _LOGGED_REFUSALS:
+                self._refused(ws, client.close_code, client.close_reason, client.close_metric)
             await self._close(ws, client.close_code, client.close_reason)
 
     async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
@@ -637,23 +827,24 @@ class Feed:
             ws.transport.abort()
 
     async def _first_message(self, ws: ServerConnection) -> tuple[Principal, int | None]:
+        conn = ws if isinstance(ws, _Connection) else None
+        raw: str | bytes | None = None
         try:
-            with anyio.fail_after(self.settings.auth_timeout_s):
+            with anyio.fail_after(self.settings.auth_timeout_s), anyio.CancelScope() as scope:
+                if conn is not None:
+                    conn.auth_scope = scope
+                    if conn.evicted:
+                        scope.cancel()
                 raw = await ws.recv()
         except TimeoutError:
             raise _Refused(_POLICY, "authentication timeout: send {\"type\": \"auth\", \"token\": ...}",
                            "auth") from None
-        msg = _parse(raw)
-        if msg.get("type") != "auth":
-            raise _Refused(_POLICY, "expected an auth message first", "bad_message")
-        since: int | None = None
-        if msg.get("since") is not None:
-            since = _nonneg_int(msg["since"])
-            if since is None:
-                raise _Refused(_POLICY, "malformed message: since must be a whole number", "bad_message")
-        token = msg.get("token")
-        if not isinstance(token, str) or not token:
-            raise _Refused(_POLICY, "malformed message: token must be a string", "bad_message")
+        finally:
+            if conn is not None:
+                conn.auth_scope = None
+        if raw is None:  # pushed out by newer connections before it authenticated
+            raise _Refused(_TRY_LATER, "too many unauthenticated connections", "unauthenticated")
+        token, since = _auth_message(_parse(raw))
         try:
             return await self.auth.authenticate(token), since
         except AuthError as exc:
@@ -661,9 +852,13 @@ class Feed:
 
     async def _reader(self, c: _Client) -> None:
         """What a client may send after authenticating: a fresh token for the same identity, or one of
-        the dashboard's requests (``job``, ``status``, ``action``; answered by reactor/dashboard.py)."""
+        the dashboard's requests (``job``, ``status``, ``action``; answered by reactor/dashboard.py),
+        ``request_rate`` a second (bursts of ``request_burst``)."""
         try:
             async for raw in c.ws:
+                if not c.bucket.take(time.monotonic()):
+                    c.close(_POLICY, "too many requests", "rate_limited")
+                    return
                 try:
                     msg = _parse(raw)
                 except _Refused as exc:
@@ -1082,24 +1277,124 @@ def _heartbeat(seq: int) -> bytes:
     return _dumps({"type": "heartbeat", "seq": seq, "at": datetime.now(UTC)})
 
 
+#: a client message nests at most this deep (the protocol's messages nest 2 deep)
+_MAX_DEPTH = 8
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+_MAX_INT_DIGITS = 20
+_MAX_SEQ = 2**62
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError("number out of range")
+    return int(text)
+
+
+def _too_deep(text: str) -> bool:
+    """True if the brackets outside strings nest deeper than _MAX_DEPTH (checked before parsing:
+    json.loads recurses once per level)."""
+    depth = 0
+    for m in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _valid_strings(value: object) -> bool:
+    """False if a string (key or value) holds a lone surrogate ("\\ud800"): it could not be sent back."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def _parse(raw: str | bytes) -> dict[str, Any]:
-    """A client's message: a JSON object with a type, as text; anything else closes that client."""
+    """A client's message: a JSON object with a type, as text; anything else closes that client.
+
+    Shape first (nesting depth), then a parser that refuses what JSON allows but nobody means: NaN,
+    Infinity, 1e999, integers longer than 20 digits, lone surrogates. Raises only :class:`_Refused`.
+    """
     if isinstance(raw, bytes):
         raise _Refused(_UNSUPPORTED, "binary messages are not accepted", "bad_message")
+    if _too_deep(raw):
+        raise _Refused(_POLICY, "malformed message: nested too deep", "bad_message")
     try:
-        msg = json.loads(raw)
-    except ValueError:
+        msg = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except (ValueError, RecursionError):
         raise _Refused(_POLICY, "malformed message: not JSON", "bad_message") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise _Refused(_POLICY, "malformed message: expected an object with a type", "bad_message")
+    if not _valid_strings(msg):
+        raise _Refused(_POLICY, "malformed message: invalid unicode", "bad_message")
     return msg
 
 
+def _auth_message(msg: Mapping[str, Any]) -> tuple[str, int | None]:
+    """The token and the ``since`` of a first message, which must be ``auth``; raises :class:`_Refused`."""
+    if msg.get("type") != "auth":
+        raise _Refused(_POLICY, "expected an auth message first", "bad_message")
+    since: int | None = None
+    if msg.get("since") is not None:
+        since = _nonneg_int(msg["since"])
+        if since is None:
+            raise _Refused(_POLICY, "malformed message: since must be a whole number", "bad_message")
+    token = msg.get("token")
+    if not isinstance(token, str) or not token:
+        raise _Refused(_POLICY, "malformed message: token must be a string", "bad_message")
+    return token, since
+
+
 def _nonneg_int(value: object) -> int | None:
+    """A seq from a client: a JSON integer or a string of ASCII digits (not "١٢٣", not "１２")."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return value if 0 <= value < _MAX_SEQ else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
         return int(value)
     return None
+
+
+def _single_header(headers: Headers, name: str) -> str | None:
+    """A header that must appear at most once (two Origin or Authorization headers: a 400)."""
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise _BadRequest(f"more than one {name} header")
+    return values[0] if values else None
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        address = ws.remote_address
+    except (AttributeError, OSError):
+        return "?"
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)

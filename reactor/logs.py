@@ -6,17 +6,51 @@ import logging
 import re
 import sys
 
-__all__ = ["KeyValueFormatter", "setup_logging"]
+__all__ = ["KeyValueFormatter", "add_secret", "dsn_secrets", "redact", "setup_logging"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_SECRET = re.compile(r"(password|passwd|secret|token)=([^\s&]+)", re.IGNORECASE)
-_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+# key=value (libpq allows spaces around "=" and single-quoted values with \' escapes)
+_SECRET = re.compile(
+    r"""(password|passwd|secret|token)(\s*=\s*)('(?:[^'\\]|\\.)*'?|"[^"]*"?|[^\s&,;]+)""", re.IGNORECASE)
+# scheme://user:password@host: up to the last "@" of the word, so that a password with "@" in it
+# (postgresql://u:p@ss@host/db) is hidden whole, not cut at its first "@"
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)(\S*)(@)")
 _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+#: values hidden wherever they appear (the JWT secret, a DSN's password), registered at start
+_known: set[str] = set()
+
+
+def add_secret(value: str | None) -> None:
+    """Hide this value in every log line and every text passed to :func:`redact` from now on."""
+    # a shorter one would mangle ordinary words (the patterns above still catch it in a DSN); a part
+    # of a password that ends in "@" is distinctive enough from two characters on
+    if value and (len(value) >= 4 or (value.endswith("@") and len(value) >= 2)):
+        _known.add(value)
+
+
+def dsn_secrets(dsn: str) -> list[str]:
+    """The texts of a DSN that may betray its password, for :func:`add_secret`.
+
+    Besides the password, the part after each "@" in it: libpq splits ``postgresql://u:p@ss@host``
+    at the first "@", so its errors name the host ``ss@host``.
+    """
+    out: list[str] = []
+    found = re.search(r"://[^:/@\s]*:(\S*)@", dsn)
+    if found:
+        out.append(found.group(1))
+    out += [m.group(3).strip("'\"") for m in _SECRET.finditer(dsn) if m.group(1).lower() in ("password", "passwd")]
+    for password in list(out):
+        out += [password[i + 1:] + "@" for i, ch in enumerate(password) if ch == "@"]
+    return [p for p in out if p]
 
 
 def redact(text: str) -> str:
     """Hide passwords and tokens that may sit in a DSN or an error message."""
-    return _SECRET.sub(r"\1=***", _DSN_PASSWORD.sub(r"\1***\3", text))
+    text = _SECRET.sub(r"\1\2***", _DSN_PASSWORD.sub(r"\1***\3", text))
+    for value in sorted(_known, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, "***@" if value.endswith("@") else "***")
+    return text
 
 
 def _quote(value: object) -> str:

@@ -302,3 +302,76 @@ async def test_jwks_url_is_read_again_on_an_unknown_kid(jwks_server: tuple[str, 
     keys.append(jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), "ec-3"))
     with pytest.raises(UnknownKeyError):
         await slow.authenticate(jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "ec-3"}))
+
+
+# -- hostile tokens: every one is an AuthError with a short reason, never another exception ---------
+
+
+def signed(header: bytes | dict[str, Any], body: bytes | dict[str, Any], secret: str = SECRET) -> str:
+    """A token with any header and claims bytes, HS256-signed with the right secret by hand."""
+    def part(value: bytes | dict[str, Any]) -> bytes:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return jwt.utils.base64url_encode(raw)
+
+    signing_input = part(header) + b"." + part(body)
+    mac = hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + jwt.utils.base64url_encode(mac)).decode()
+
+
+@pytest.mark.parametrize(("header", "reason"), [
+    ({"alg": ["HS256"]}, "no alg"),
+    ({"alg": {"HS256": True}}, "no alg"),
+    ({"alg": 256}, "no alg"),
+    ({"alg": None}, "no alg"),
+    ({"typ": "JWT"}, "no alg"),
+    # recent PyJWT refuses these itself; older ones pass them on to the checks here
+    ({"alg": "HS256", "kid": 5}, "malformed token|kid must be a string"),
+    ({"alg": "HS256", "kid": ["a"]}, "malformed token|kid must be a string"),
+    ({"alg": "HS256", "crit": ["exp"]}, "malformed token|invalid token"),
+    (b'["HS256"]', "malformed token"),
+    (b'"HS256"', "malformed token"),
+    (b"not json", "malformed token"),
+    (b"[" * 5000, "malformed token"),
+    (b'{"alg": "HS256"', "malformed token"),
+    (b"\xff\xfe", "malformed token"),
+])
+def test_junk_headers_are_refused_with_a_reason(header: bytes | dict[str, Any], reason: str) -> None:
+    with pytest.raises(AuthError, match=reason) as info:
+        hs_only().verify(signed(header, claims("service_role")))
+    assert len(str(info.value)) < 80
+
+
+@pytest.mark.parametrize("body", [
+    b'{"role": "service_role", "exp": 1e999}',
+    b'{"role": "service_role", "exp": NaN}',
+    b'{"role": "service_role", "exp": -Infinity}',
+    b'{"role": "service_role", "exp": 1' + b"0" * 400 + b"}",
+    b'{"role": "service_role", "exp": 1' + b"0" * 5000 + b"}",
+    b'{"role": "service_role", "exp": "soon"}',
+    b'{"role": "service_role", "exp": [1]}',
+    b"[" * 5000,
+    b"[1, 2]",
+    b"null",
+])
+def test_junk_claims_are_refused_with_a_reason(body: bytes) -> None:
+    with pytest.raises(AuthError) as info:
+        hs_only().verify(signed({"alg": "HS256", "typ": "JWT"}, body))
+    assert str(info.value) and len(str(info.value)) < 80
+
+
+@pytest.mark.parametrize("token", ["\x00", "é.é.é", "١.٢.٣", "a.b", "...", "a" * 10_000, " " + "a.b.c"])
+def test_junk_strings_are_refused(token: str) -> None:
+    with pytest.raises(AuthError):
+        hs_only().verify(token)
+
+
+def test_exp_out_of_range_in_claims() -> None:
+    for exp in (10**400, float("inf"), float("nan"), -1):
+        with pytest.raises(AuthError, match="exp is out of range"):
+            principal_from_claims({"role": "service_role", "exp": exp})
+
+
+def test_the_secret_is_never_in_a_repr() -> None:
+    settings = AuthSettings(jwt_secret=SECRET)
+    assert SECRET not in repr(settings) and SECRET not in str(settings)
+    assert settings.jwt_secret == SECRET
