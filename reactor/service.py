@@ -47,8 +47,8 @@ def new_reactor_id() -> str:
 
 @dataclass
 class ServiceSettings:
-    dsn: str
-    orchestrator_url: str
+    dsn: str = field(repr=False)  # it may hold a password
+    orchestrator_url: str = field(repr=False)  # it may hold credentials (sent as Basic authorization)
     reactor_id: str = field(default_factory=new_reactor_id)
     sweep_every_s: float = 30.0
     #: how long past job_timeout_minutes the sweep waits before it takes a job back
