@@ -20,8 +20,10 @@ reactor_python() {
     command -v "$base" >/dev/null 2>&1 \
         || reactor_venv_die "no Python interpreter '$base' (install Python 3.11+, or set PYTHON=/path/to/python3)"
     if ! "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-        reactor_venv_die "$base is $("$base" --version 2>&1 || echo 'not a working Python');" \
-            "reactor needs Python 3.11+ (set PYTHON=/path/to/python3.11 or newer)"
+        local version
+        version=$("$base" -c 'import sys; print("Python", sys.version.split()[0])' 2>/dev/null) \
+            || version="not a working Python"
+        reactor_venv_die "$base is $version; reactor needs Python 3.11+ (set PYTHON=/path/to/python3.11 or newer)"
     fi
 
     if "$base" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
