@@ -35,7 +35,9 @@ reactor_python() {
     fi
 
     # .venv is reused when it runs on the same base interpreter; made by another (or broken), it is remade
-    local ident='import os, sys; print(os.path.realpath(sys._base_executable), sys.version.split()[0])' want
+    # (sys._base_executable: in a venv, the interpreter it was made from; private, hence the getattr)
+    local want ident='import os, sys
+print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), sys.version.split()[0])'
     want=$("$base" -c "$ident")
     if [ "$(.venv/bin/python -c "$ident" 2>/dev/null)" != "$want" ]; then
         if [ "${REACTOR_SKIP_INSTALL:-0}" = 1 ]; then
