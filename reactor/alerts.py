@@ -90,7 +90,8 @@ logger = logging.getLogger(__name__)
 CHANNEL = "reactor_alerts"
 #: the alerts, in the order they are evaluated and reported
 ALERTS = ("queue_depth", "failed_per_hour", "avg_wait", "oldest_queued", "render_farm_unreachable")
-#: pg_try_advisory_xact_lock key of an evaluation (claims use 7240513002, migrations 7240513001)
+#: pg_try_advisory_xact_lock key of an evaluation (claims use 7240513002, migrations 7240513001,
+#: the event journal 7240513004)
 LOCK_KEY = 7_240_513_003
 
 
