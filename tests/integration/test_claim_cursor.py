@@ -1,0 +1,128 @@
+"""The claim's cursors (migration 0008) never pass a job that should be taken: the claim takes exactly
+the jobs a full scan of the queue would, in the same order (priority, created_at, job_no), whatever
+lands behind a cursor (a retry, an old created_at from a long transaction, a job another writer held,
+one not due yet, a change of priority). Checked step by step against that full scan (the oracle)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[Any]
+
+ORACLE = """
+SELECT id::text FROM reactor.jobs
+ WHERE status = 'queued' AND run_after <= clock_timestamp()
+ ORDER BY priority_rank, created_at, job_no LIMIT %s
+"""
+
+
+def claim(conn: Conn, n: int, reactor: str = "r") -> list[tuple[str, int]]:
+    rows = conn.execute("SELECT id::text, attempt FROM reactor.claim_jobs(%s, %s, interval '60 s')",
+                        (reactor, n)).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def finish(conn: Conn, job: tuple[str, int], status: str, delay_s: float = 0.0) -> None:
+    batch = [{"id": job[0], "attempt": job[1], "status": status, "result": None, "retry_count": 0,
+              "delay_s": delay_s, "error_category": None, "error_message": None, "error_details": None}]
+    conn.execute("SELECT * FROM reactor.finish_and_claim(%s::jsonb, 'r', 0, interval '60 s')", (json.dumps(batch),))
+
+
+def insert(conn: Conn, priority: str = "medium", job_type: str = "topic_short", created_ago_s: float = 0.0) -> str:
+    row = conn.execute(
+        "INSERT INTO jobs (job_type, priority, payload, created_at) "
+        "VALUES (%s, %s, %s, now() - make_interval(secs => %s)) RETURNING id::text",
+        (job_type, priority, json.dumps({"question": "q", "topic": "t"}), created_ago_s)).fetchone()
+    assert row
+    return str(row[0])
+
+
+def expect(conn: Conn, n: int) -> list[str]:
+    return [r[0] for r in conn.execute(ORACLE, (n,))]
+
+
+@pytest.fixture
+def conn(dsn: str, db: Conn) -> Conn:
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 100000, max_manim_renders = 100000")
+    return db
+
+
+def test_what_lands_behind_a_cursor_is_still_taken_first(conn: Conn, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("BEGIN")  # a long transaction: what it inserts is created now, committed later
+        other.execute("SELECT 1")
+        a, b, c = insert(conn), insert(conn), insert(conn)
+        [got] = claim(conn, 1)
+        assert got[0] == a
+        # a retry goes back to its old place, before b
+        finish(conn, got, "queued")
+        assert [j for j, _ in claim(conn, 1)] == [a]
+        late = insert(other)  # created before a, b and c
+        assert [j for j, _ in claim(conn, 1)] == [b]
+        other.execute("COMMIT")
+    assert [j for j, _ in claim(conn, 1)] == [late]
+    # a job held by another writer is passed over, and taken once it is free
+    d, e = insert(conn), insert(conn)
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute("SELECT 1 FROM reactor.jobs WHERE id = %s FOR UPDATE", (c,))
+        assert [j for j, _ in claim(conn, 1)] == [d]
+        other.execute("COMMIT")
+    assert [j for j, _ in claim(conn, 1)] == [c]
+    # a job not due yet is passed over, and taken when due
+    f = insert(conn)
+    conn.execute("UPDATE jobs SET run_after = now() + interval '1 hour' WHERE id = %s", (e,))
+    assert [j for j, _ in claim(conn, 1)] == [f]
+    conn.execute("UPDATE jobs SET run_after = now() - interval '1 s' WHERE id = %s", (e,))
+    assert [j for j, _ in claim(conn, 1)] == [e]
+    # an old low-priority job moved up to high comes first
+    g, h = insert(conn, "low", created_ago_s=600), insert(conn)
+    conn.execute("UPDATE jobs SET priority = 'high' WHERE id = %s", (g,))
+    assert [j for j, _ in claim(conn, 2)] == [g, h]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_claims_take_exactly_what_a_full_scan_would(conn: Conn, dsn: str, seed: int) -> None:
+    rng = random.Random(seed)
+    held: list[tuple[str, int]] = []
+    with psycopg.connect(dsn, autocommit=True) as other:
+        for step in range(400):
+            op = rng.random()
+            if op < 0.35:
+                insert(conn, rng.choice(["high", "medium", "low"]), rng.choice(["doubt", "topic_short"]),
+                       created_ago_s=rng.choice([0, 0, 0, 5, 3600]))
+            elif op < 0.45 and held:
+                job = held.pop(rng.randrange(len(held)))
+                finish(conn, job, rng.choice(["completed", "failed", "queued", "queued"]),
+                       delay_s=rng.choice([0, 0, 3600]))
+            elif op < 0.5:
+                conn.execute("UPDATE jobs SET priority = %s WHERE id IN (SELECT id FROM reactor.jobs WHERE "
+                             "status = 'queued' ORDER BY random() LIMIT 1)", (rng.choice(["high", "medium", "low"]),))
+            elif op < 0.55:
+                conn.execute("UPDATE jobs SET status = 'cancelled' WHERE id IN (SELECT id FROM reactor.jobs WHERE "
+                             "status = 'queued' ORDER BY random() LIMIT 1)")
+            elif op < 0.6:
+                conn.execute("UPDATE jobs SET run_after = now() - interval '1 s' WHERE id IN (SELECT id FROM "
+                             "reactor.jobs WHERE status = 'queued' AND run_after > now() ORDER BY random() LIMIT 1)")
+            elif op < 0.65:
+                # a long transaction inserts, and commits after a claim
+                other.execute("BEGIN")
+                insert(other, rng.choice(["high", "medium", "low"]))
+                n = rng.randint(1, 3)
+                want = expect(conn, n)
+                got = claim(conn, n)
+                assert [j for j, _ in got] == want, f"step {step}"
+                held += got
+                other.execute("COMMIT")
+            else:
+                n = rng.randint(1, 4)
+                want = expect(conn, n)
+                got = claim(conn, n)
+                assert [j for j, _ in got] == want, f"step {step}"
+                held += got
+        assert conn.execute("SELECT count(*) FROM reactor.jobs WHERE status = 'queued'").fetchone() != (0,)
