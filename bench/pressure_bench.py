@@ -49,7 +49,7 @@ from reactor_bench import free_port, stop_processes, wait_http, wait_reactor_rea
 
 from reactor.embedded import EmbeddedPostgres, find_pg_bin  # noqa: E402
 
-TABLES = ("jobs", "counters", "events", "event_stage", "pending_commits", "counter_deltas", "seq_marks")
+TABLES = ("jobs", "counters", "totals", "events", "event_stage", "pending_commits")
 INSERT_SQL = "INSERT INTO jobs (job_type, payload) VALUES ('topic_short', %s) RETURNING id"
 
 
@@ -216,7 +216,7 @@ def minute_table(run: Run, reqs: list[dict[str, Any]], completed: dict[int, int]
     for s in run.samples:
         by_minute.setdefault(int(s.at // 60), []).append(s)
     lines = ["| minute | phase | inserted | pickup p50 / p99 ms | not picked up | INSERT p99 ms | completed | "
-             "waiting at end | dead versions (jobs, counters, events, stage, pending, deltas, marks) |",
+             "waiting at end | dead versions (jobs, counters, totals, events, stage, pending) |",
              "|---|---|---|---|---|---|---|---|---|"]
     base_p99: list[float] = []
     base_ins: list[float] = []
