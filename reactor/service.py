@@ -51,6 +51,8 @@ class ServiceSettings:
     orchestrator_url: str = field(repr=False)  # it may hold credentials (sent as Basic authorization)
     reactor_id: str = field(default_factory=new_reactor_id)
     sweep_every_s: float = 30.0
+    #: sweeps start at least this far apart, however often something wakes the sweeper
+    sweep_min_gap_s: float = 1.0
     #: how long past job_timeout_minutes the sweep waits before it takes a job back
     timeout_grace_s: float = 30.0
     #: a job in processing with no lease (set by hand) is taken back after this long
@@ -257,7 +259,8 @@ class Service:
         s = self.settings
         task_status.started()
         while True:
-            next_at = time.monotonic() + s.sweep_every_s
+            started = time.monotonic()
+            next_at = started + s.sweep_every_s
             # a wake-up that arrives while this sweep runs (work started after its snapshot) must
             # not be lost: the event is replaced before the sweep, not after it
             self._sweep_wake = anyio.Event()
@@ -288,4 +291,9 @@ class Service:
                 next_at = min(next_at, time.monotonic() + max(1.0, delta))
             with anyio.move_on_after(max(0.0, next_at - time.monotonic())):
                 await self._sweep_wake.wait()
+            # woken early (work started somewhere, the listener reconnected): a lease lasts lease_s,
+            # so learning of it within sweep_min_gap_s is soon enough. Sooner, each claim made while
+            # no lease was held woke a sweep (about a hundred a second at 100 jobs/s), and under a
+            # pinned MVCC horizon each sweep walks every job that went through processing since
+            await anyio.sleep(max(0.0, started + min(s.sweep_min_gap_s, s.sweep_every_s) - time.monotonic()))
 
