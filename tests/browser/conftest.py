@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import jwt
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -29,7 +28,7 @@ from reactor.auth import AuthSettings
 from reactor.devorch import OrchestratorDouble
 from reactor.feed import FeedSettings
 from reactor.service import Service, ServiceSettings
-from tests.support.reactors import FAST_DISPATCH
+from tests.support.reactors import FAST_DISPATCH, running_service
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -84,13 +83,8 @@ async def _reactor(dsn: str, orchestrator_url: str, port: int) -> AsyncIterator[
         # the tests set alerts' rows themselves; no evaluation must flip them meanwhile
         alerts=AlertSettings(enabled=False),
     )
-    service = Service(settings)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        try:
-            yield service
-        finally:
-            service.request_stop()
+    async with running_service(Service(settings)) as service:
+        yield service
 
 
 @dataclass

@@ -26,7 +26,7 @@ from reactor.db import connect_kwargs
 from reactor.devorch import OrchestratorDouble
 from reactor.errors import ConfigError
 from reactor.service import Service, ServiceSettings
-from tests.support.reactors import FAST_DISPATCH, wait_for
+from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -91,13 +91,8 @@ def webhook(statuses: list[int] | None = None) -> Iterator[Hook]:
 async def reactor(dsn: str, orchestrator_url: str, alerts: AlertSettings, reactor_id: str) -> AsyncIterator[Service]:
     settings = ServiceSettings(dsn=dsn, orchestrator_url=orchestrator_url, dispatch=FAST_DISPATCH,
                                handle_signals=False, alerts=alerts, reactor_id=reactor_id)
-    service = Service(settings)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        try:
-            yield service
-        finally:
-            service.request_stop()
+    async with running_service(Service(settings)) as service:
+        yield service
 
 
 async def until(what: str, pred: Callable[[], bool], timeout: float = PATIENCE_S) -> None:

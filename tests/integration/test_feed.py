@@ -28,7 +28,7 @@ from reactor.embedded import EmbeddedPostgres
 from reactor.feed import FeedSettings
 from reactor.migrations import migrate_up
 from reactor.service import Service, ServiceSettings
-from tests.support.reactors import FAST_DISPATCH, wait_for
+from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -69,13 +69,8 @@ async def feed_reactor(dsn: str, orchestrator_url: str, *, reactor_id: str | Non
     )
     if reactor_id:
         settings.reactor_id = reactor_id
-    service = Service(settings)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        try:
-            yield service
-        finally:
-            service.request_stop()
+    async with running_service(Service(settings)) as service:
+        yield service
 
 
 def url(service: Service, query: str = "") -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from reactor.listener import Notice
 from reactor.service import Service, ServiceSettings
 from reactor.supervise import PartFailed, RestartPolicy, describe_error
 from tests.support.processes import PATIENCE_S, jobs_state, reactor_process, until
-from tests.support.reactors import FAST_DISPATCH, wait_for
+from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -55,16 +53,6 @@ def settings(dsn: str, orchestrator_url: str, restart: RestartPolicy, *, feed: b
     )
 
 
-@asynccontextmanager
-async def running(service: Service) -> AsyncIterator[Service]:
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        try:
-            yield service
-        finally:
-            service.request_stop()
-
-
 def failures_logged(caplog: pytest.LogCaptureFixture, part: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "reactor.supervise" and r.getMessage().startswith(f"{part} failed")]
 
@@ -74,7 +62,8 @@ async def test_a_failed_listener_is_restarted_and_readyz_says_so(
     caplog.set_level(logging.INFO, logger="reactor")
     # the restart waits 4 to 8 s: time enough to see the listener down, even on a slow machine
     restart = RestartPolicy(base_s=8.0, cap_s=8.0)
-    async with OrchestratorDouble() as orch, running(Service(settings(dsn, orch.url, restart, feed=True))) as svc:
+    async with OrchestratorDouble() as orch, \
+            running_service(Service(settings(dsn, orch.url, restart, feed=True))) as svc:
         assert svc.feed is not None
         base = f"http://127.0.0.1:{svc.feed.port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
@@ -147,7 +136,7 @@ async def test_a_failed_dispatcher_is_restarted_and_loses_no_job(
         dsn: str, db: Conn, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="reactor")
     restart = RestartPolicy(base_s=0.5, cap_s=0.5)
-    async with OrchestratorDouble() as orch, running(Service(settings(dsn, orch.url, restart))) as svc:
+    async with OrchestratorDouble() as orch, running_service(Service(settings(dsn, orch.url, restart))) as svc:
         slow = insert(db, "[[latency=4000]] held when the dispatcher fails")
         await until(lambda: orch.stats()["in_flight"] == 1, "the render to start", timeout=PATIENCE_S)
 
@@ -188,7 +177,8 @@ async def test_a_failed_dispatcher_is_restarted_and_loses_no_job(
 
 async def test_a_failed_feed_is_restarted_on_the_same_port(dsn: str, db: Conn) -> None:
     restart = RestartPolicy(base_s=0.5, cap_s=0.5)
-    async with OrchestratorDouble() as orch, running(Service(settings(dsn, orch.url, restart, feed=True))) as svc:
+    async with OrchestratorDouble() as orch, \
+            running_service(Service(settings(dsn, orch.url, restart, feed=True))) as svc:
         old = svc.feed
         assert old is not None and old.port is not None
         port = old.port

@@ -35,7 +35,13 @@ async def running_reactor(
     )
     if reactor_id:
         settings.reactor_id = reactor_id
-    service = Service(settings, clock=clock)
+    async with running_service(Service(settings, clock=clock)) as service:
+        yield service
+
+
+@asynccontextmanager
+async def running_service(service: Service) -> AsyncIterator[Service]:
+    """Run a service until the block ends, then stop it (gracefully: it drains)."""
     async with anyio.create_task_group() as tg:
         await tg.start(service.run)
         try:
