@@ -21,7 +21,7 @@ from reactor.errors import DatabaseError, StatementRefused
 from reactor.models import ClaimedJob, Outcome
 from reactor.sqlfiles import load_queries
 
-__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "sanitize_json"]
+__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "one_line", "sanitize_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Database:
         except TRANSIENT_ERRORS:
             raise
         except psycopg.Error as exc:
-            raise StatementRefused(f"the database refused {name}: {_one_line(exc)}") from exc
+            raise StatementRefused(f"the database refused {name}: {one_line(exc)}") from exc
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -236,5 +236,6 @@ def sanitize_json(value: Any) -> Any:
     return value
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line, at most 300 characters (for logs and error messages)."""
     return " ".join(str(exc).split())[:300]

@@ -21,7 +21,7 @@ import anyio
 import psycopg
 from anyio.abc import TaskStatus
 
-from reactor.db import connect_kwargs
+from reactor.db import connect_kwargs, one_line
 from reactor.models import parse_uuid
 from reactor.policy import nested_deeper_than
 
@@ -149,7 +149,7 @@ class Listener:
             except psycopg.OperationalError as exc:
                 failures += 1
                 delay = min(self.max_backoff_s, 0.1 * 2 ** min(failures, 10)) * (0.5 + self._rng.random() / 2)
-                logger.warning("listener cannot connect (retry in %.1f s): %s", delay, _one_line(exc))
+                logger.warning("listener cannot connect (retry in %.1f s): %s", delay, one_line(exc))
                 await anyio.sleep(delay)
                 continue
             try:
@@ -168,7 +168,7 @@ class Listener:
                         task_status.started()
                     await self._consume(conn)
             except psycopg.OperationalError as exc:
-                logger.warning("listener connection lost: %s", _one_line(exc))
+                logger.warning("listener connection lost: %s", one_line(exc))
             finally:
                 self.connected = False
             failures += 1
@@ -184,6 +184,3 @@ class Listener:
                 # quiet for a while: make sure the connection is really there
                 await conn.execute("SELECT 1")
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
