@@ -28,6 +28,7 @@ checkout, to compare with the code before a change.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -169,6 +170,126 @@ class Holder:
         return self.mode
 
 
+class Profiler:
+    """``--profile``: per minute, where the time went: CPU seconds per process group (read from
+    /proc every second) and the statements that took the most time (pg_stat_statements, nested
+    statements included), with autovacuum and autoanalyze runs per table."""
+
+    def __init__(self, dsn: str, pids: dict[str, int]) -> None:
+        self.dsn, self.pids = dsn, pids  # pids: the reactor's and the double's processes
+        self.cpu: dict[int, dict[str, float]] = {}
+        self.statements: dict[int, dict[str, tuple[int, float, int]]] = {}
+        self.vacuums: dict[int, dict[str, tuple[int, int]]] = {}
+        self._last_cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, cpu seconds so far)
+
+    @staticmethod
+    def _cpu_s(pid: int) -> float | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _group(cmdline: str, apps: dict[int, str], pid: int) -> str:
+        title = cmdline.replace("\0", " ")
+        if "autovacuum" in title:
+            return "pg autovacuum"
+        for name in ("checkpointer", "walwriter", "background writer", "stats", "logical replication"):
+            if name in title:
+                return "pg background"
+        if pid in apps:
+            return "pg backend: " + (apps[pid] or "(no application_name)")
+        return "pg other"
+
+    def run(self, run: Run) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SHOW data_directory").fetchone()
+            assert row is not None
+            master = int(Path(row[0], "postmaster.pid").read_text().split()[0])
+            minute = -1
+            apps: dict[int, str] = {}
+            while not run.stop.is_set():
+                m = int((time.time() - run.t0) // 60)
+                if m != minute:
+                    conn.execute("SELECT pg_stat_clear_snapshot()")
+                    self.statements[m] = {
+                        r[0]: (int(r[1]), float(r[2]), int(r[3])) for r in conn.execute(
+                            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), sum(calls), "
+                            "sum(total_exec_time), sum(shared_blks_hit + shared_blks_read) "
+                            "FROM pg_stat_statements GROUP BY 1").fetchall()}
+                    self.vacuums[m] = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
+                        "SELECT relname, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables "
+                        "WHERE schemaname = 'reactor'").fetchall()}
+                    minute = m
+                apps = {int(r[0]): r[1] or "" for r in conn.execute(
+                    "SELECT pid, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                ).fetchall()}
+                try:
+                    kids = [int(k) for k in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+                except OSError:
+                    kids = []
+                seen: list[tuple[int, str]] = [(master, "pg background")]
+                for pid in kids:
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_text()
+                    except OSError:
+                        continue
+                    seen.append((pid, self._group(cmd, apps, pid)))
+                seen += [(pid, name) for name, pid in self.pids.items()]
+                seen.append((os.getpid(), "bench (inserter, watcher)"))
+                bucket = self.cpu.setdefault(m, {})
+                for pid, group in seen:
+                    now = self._cpu_s(pid)
+                    if now is None:
+                        continue
+                    before = self._last_cpu.get(pid, (group, 0.0))[1]
+                    bucket[group] = bucket.get(group, 0.0) + (now - before)
+                    self._last_cpu[pid] = (group, now)
+                time.sleep(1.0)
+
+    def report(self) -> str:
+        minutes = sorted(self.cpu)
+        groups = sorted({g for b in self.cpu.values() for g in b})
+        out = ["--- profile: CPU seconds per minute ---",
+               "| group | " + " | ".join(str(m + 1) for m in minutes) + " |",
+               "|---|" + "---|" * len(minutes)]
+        for g in groups:
+            out.append(f"| {g} | " + " | ".join(f"{self.cpu[m].get(g, 0.0):.1f}" for m in minutes) + " |")
+        snaps = sorted(self.statements)
+        deltas: dict[int, dict[str, tuple[int, float, int]]] = {}
+        for a, b in itertools.pairwise(snaps):
+            d = {}
+            for q, (calls, ms, blks) in self.statements[b].items():
+                c0, m0, b0 = self.statements[a].get(q, (0, 0.0, 0))
+                if calls > c0:
+                    d[q] = (calls - c0, ms - m0, blks - b0)
+            deltas[a] = d
+        if deltas:
+            last = max(deltas)
+            top = sorted(deltas[last], key=lambda q: -deltas[last][q][1])[:14]
+            out += ["--- profile: statements, ms per call / buffers per call, per minute (top by time in the "
+                    f"minute {last + 1}) ---",
+                    "| statement | " + " | ".join(str(m + 1) for m in sorted(deltas)) + " |",
+                    "|---|" + "---|" * len(deltas)]
+            for q in top:
+                cells = []
+                for m in sorted(deltas):
+                    c, ms, blks = deltas[m].get(q, (0, 0.0, 0))
+                    cells.append(f"{ms / c:.2f}/{blks / c:.0f} x{c}" if c else "-")
+                out.append(f"| `{q}` | " + " | ".join(cells) + " |")
+        vm = sorted(self.vacuums)
+        out += ["--- profile: autovacuum / autoanalyze runs per minute ---"]
+        for t in sorted({t for v in self.vacuums.values() for t in v}):
+            runs = []
+            for a, b in itertools.pairwise(vm):
+                va, aa = self.vacuums[a].get(t, (0, 0))
+                vb, ab = self.vacuums[b].get(t, (0, 0))
+                runs.append(f"{vb - va}/{ab - aa}")
+            out.append(f"{t}: " + " ".join(runs))
+        return "\n".join(out)
+
+
 def load_finished(dsn: str, n: int) -> None:
     """``n`` completed jobs, a month old, for the dump to carry (and the claim to ignore)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -262,6 +383,10 @@ def main() -> int:
     ap.add_argument("--finished", type=int, default=1_000_000, help="finished jobs loaded for --mode pg_dump")
     ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose reactor and migrations run")
     ap.add_argument("--explain", action="store_true", help="plans at minute 1 and 8 of the hold")
+    ap.add_argument("--profile", action="store_true",
+                    help="per minute: CPU per process group, the costliest statements, autovacuum runs")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a server setting for the run (repeatable), e.g. --set autovacuum=off")
     args = ap.parse_args()
     tree = args.tree.resolve()
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -269,7 +394,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="reactor-pressure-") as tmp:
         logdir = Path(tmp)
         # durable, with autovacuum: as in production
-        server = EmbeddedPostgres(settings={"max_connections": "300", "shared_buffers": "128MB"})
+        settings = {"max_connections": "300", "shared_buffers": "128MB"}
+        if args.profile:
+            settings |= {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all"}
+        settings |= dict(kv.split("=", 1) for kv in args.set)
+        server = EmbeddedPostgres(settings=settings)
         dsn = server.start()
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -279,6 +408,8 @@ def main() -> int:
                 conn.execute("ALTER SYSTEM SET log_line_prefix = '%m|%p| '")
                 conn.execute("SELECT pg_reload_conf()")
                 conn.execute("UPDATE job_queue_config SET max_concurrent_renders = 50, max_manim_renders = 50")
+                if args.profile:
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             if args.mode == "pg_dump":
                 t = time.monotonic()
                 load_finished(dsn, args.finished)
@@ -298,6 +429,9 @@ def main() -> int:
             run = Run()
             threads = [threading.Thread(target=inserter, args=(dsn, args.rate, run), daemon=True),
                        threading.Thread(target=watcher, args=(dsn, run), daemon=True)]
+            profiler = Profiler(dsn, {"reactor (python)": procs[1].pid, "double (python)": procs[0].pid})
+            if args.profile:
+                threads.append(threading.Thread(target=profiler.run, args=(run,), daemon=True))
             for th in threads:
                 th.start()
             print(f"tree {tree}, mode {args.mode}: quiet {args.baseline:.0f} s, hold {args.hold:.0f} s, "
@@ -330,6 +464,8 @@ def main() -> int:
             print("\n".join(lines))
             for p in plans:
                 print(p)
+            if args.profile:
+                print(profiler.report())
             print(json.dumps(verdict, indent=1))
             ok = verdict["pickup_ok"] and verdict["insert_ok"] and verdict["kept_up"]
             print("VERDICT:", "PASS" if ok else "FAIL")
