@@ -7,8 +7,9 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -56,6 +57,15 @@ class Database:
         self.dsn = dsn
         self.reactor_id = reactor_id
         self._q = load_queries()
+        #: a sweep looks at leases from this floor on (and prunes events and totals from where the
+        #: last prune stopped): below it an earlier sweep looked. Under a pinned MVCC horizon the
+        #: lease index keeps an entry for every job that passed through processing, and no scan may
+        #: drop one; from the floor, a sweep visits only those of its last few seconds. None: all.
+        self._sweep_floor: datetime | None = None
+        self._totals_from = 0
+        #: a live lease below the floor (a claim that committed long after it began, a job the
+        #: sweep skipped because it was locked) is found by the next full sweep
+        self._full_sweep_at = 0.0
         #: the dispatcher's own connection, outside the pool: a claim then waits for no pool
         #: checkout, and lands on a backend that served the previous one (opened on first use)
         self._dispatch_conn: psycopg.AsyncConnection[Any] | None = None
@@ -188,29 +198,43 @@ class Database:
 
     # -- sweep -----------------------------------------------------------------------------------
 
+    #: how far below the last sweep's clock the next one starts looking at leases
+    SWEEP_FLOOR_MARGIN = timedelta(seconds=10)
+    #: seconds between sweeps that look at every lease (the first sweep does too)
+    FULL_SWEEP_EVERY_S = 300.0
+
     async def sweep(self, grace_s: float, orphan_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Requeue what died, prune old events, say we are alive, and read when to look next:
         one transaction. Returns (jobs swept, next wake-up times)."""
-        async with self.pool.connection() as conn:
-            async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-                # the sweep's own actor: its changes are nobody's outcome, and its NOTIFY must wake
-                # this reactor's dispatcher too (which skips notices of its own claims and outcomes)
-                await cur.execute("SELECT set_config('reactor.actor', %s, true)",
-                                  (f"reactor:{self.reactor_id}:sweep",))
-                await cur.execute(self._q["sweep"], {"grace_s": grace_s, "orphan_s": orphan_s})
-                swept = await cur.fetchall()
-                await cur.execute(self._q["heartbeat"], {
-                    "reactor": self.reactor_id, "hostname": socket.gethostname(),
-                    "pid": os.getpid(), "version": __version__,
-                })
-                await cur.execute(self._q["prune_events"])
-                await cur.execute(self._q["forget_dead_reactors"])
-                await cur.execute(self._q["next_wakeups"])
-                wakeups = await cur.fetchone()
-            return swept, wakeups or {}
+        full = time.monotonic() >= self._full_sweep_at
+        since = None if full else self._sweep_floor
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            # the sweep's own actor: its changes are nobody's outcome, and its NOTIFY must wake
+            # this reactor's dispatcher too (which skips notices of its own claims and outcomes)
+            await cur.execute("SELECT set_config('reactor.actor', %s, true)",
+                              (f"reactor:{self.reactor_id}:sweep",))
+            await cur.execute(self._q["sweep"], {"grace_s": grace_s, "orphan_s": orphan_s, "since": since})
+            swept = await cur.fetchall()
+            await cur.execute(self._q["heartbeat"], {
+                "reactor": self.reactor_id, "hostname": socket.gethostname(),
+                "pid": os.getpid(), "version": __version__,
+            })
+            await cur.execute(self._q["prune"], {"since": since, "totals_from": self._totals_from})
+            pruned = await cur.fetchone()
+            await cur.execute(self._q["forget_dead_reactors"])
+            await cur.execute(self._q["next_wakeups"], {"since": since})
+            wakeups = await cur.fetchone()
+        if wakeups is not None:
+            self._sweep_floor = wakeups["db_now"] - self.SWEEP_FLOOR_MARGIN
+        if pruned is not None:
+            self._totals_from = int(pruned["totals_from"])
+        if full:
+            self._full_sweep_at = time.monotonic() + self.FULL_SWEEP_EVERY_S
+        return swept, wakeups or {}
 
     async def next_wakeups(self) -> dict[str, Any]:
-        rows = await self._rows("next_wakeups", {})
+        """The earliest delayed job's due time (the dispatcher's question; leases are the sweep's)."""
+        rows = await self._rows("next_wakeups", {"since": "infinity"})
         return rows[0]
 
     async def set_circuit(self, state: str, since: datetime | None) -> None:

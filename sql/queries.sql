@@ -12,7 +12,8 @@ UPDATE reactor.jobs j
    SET status = CASE WHEN j.attempt - 1 - j.retry_count < %(free)s THEN 'queued' ELSE 'failed' END,
        error_category = 'UNKNOWN',
        error_message = %(reason)s
- WHERE j.locked_by = %(reactor)s AND j.status = 'processing' AND NOT (j.id = ANY(%(known)s::uuid[]))
+ WHERE j.locked_by = %(reactor)s AND j.status = 'processing' AND j.lease_expires_at IS NOT NULL
+   AND NOT (j.id = ANY(%(known)s::uuid[]))
 RETURNING j.id, j.status
 
 -- name: renew_leases
@@ -29,11 +30,13 @@ SELECT h.id
  WHERE j.status = 'processing' AND j.locked_by = %(reactor)s
 
 -- name: sweep
-SELECT * FROM reactor.sweep(make_interval(secs => %(grace_s)s), make_interval(secs => %(orphan_s)s))
+SELECT * FROM reactor.sweep(make_interval(secs => %(grace_s)s), make_interval(secs => %(orphan_s)s),
+                            %(since)s)
 
 -- name: next_wakeups
+-- leases from %(since)s on (NULL: all; 'infinity': none, when only the due time is wanted)
 SELECT w.next_due, w.next_lease_expiry, now() AS db_now, l.paused
-  FROM reactor.next_wakeups() w, reactor.effective_limits() l
+  FROM reactor.next_wakeups(%(since)s) w, reactor.effective_limits() l
 
 -- name: heartbeat
 INSERT INTO reactor.reactors (id, hostname, pid, version)
@@ -54,5 +57,5 @@ DELETE FROM reactor.reactors WHERE id = %(reactor)s
 -- name: forget_dead_reactors
 DELETE FROM reactor.reactors WHERE heartbeat_at < now() - interval '1 day'
 
--- name: prune_events
-SELECT reactor.prune_events()
+-- name: prune
+SELECT * FROM reactor.prune(%(since)s, %(totals_from)s)

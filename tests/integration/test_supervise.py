@@ -238,7 +238,7 @@ async def test_a_part_that_keeps_failing_stops_the_service(
 
 async def test_reactor_run_exits_non_zero_when_a_part_cannot_recover(dsn: str, db: Conn, tmp_path: Path) -> None:
     # a schema broken by hand: every sweep fails, and no restart can fix it
-    db.execute("DROP FUNCTION reactor.sweep(interval, interval)")
+    db.execute("DROP FUNCTION reactor.sweep(interval, interval, timestamptz)")
     async with OrchestratorDouble() as orch:
         with reactor_process(dsn, orch.url, tmp_path, "gives-up") as rp:
             await rp.wait_ready()

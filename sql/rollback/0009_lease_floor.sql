@@ -1,0 +1,76 @@
+-- Rollback of 0009_lease_floor: the processing index, the sweep, next_wakeups() and prune_events() of
+-- 0001 and 0007 come back as they were.
+--     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/rollback/0009_lease_floor.sql
+
+CREATE OR REPLACE FUNCTION reactor.prune_events() RETURNS bigint
+LANGUAGE sql AS $$
+    WITH newest AS (
+        SELECT t.id FROM reactor.totals t ORDER BY t.id DESC LIMIT 1
+    ), stale AS (
+        -- the newest row written over a minute ago: everything before it goes
+        SELECT t.id FROM reactor.totals t WHERE t.at < now() - interval '1 minute' ORDER BY t.id DESC LIMIT 1
+    ), totals_gone AS (
+        DELETE FROM reactor.totals t USING stale, newest WHERE t.id < stale.id AND t.id < newest.id
+    ), gone AS (
+        DELETE FROM reactor.events
+         WHERE at < now() - (SELECT event_retention FROM public.job_queue_config)
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+
+DROP FUNCTION reactor.prune(timestamptz, bigint);
+DROP FUNCTION reactor.next_wakeups(timestamptz);
+DROP FUNCTION reactor.sweep(interval, interval, timestamptz);
+DROP INDEX reactor.jobs_unleased_idx;
+DROP INDEX reactor.jobs_lease_idx;
+CREATE INDEX jobs_processing_idx ON reactor.jobs (lease_expires_at) WHERE status = 'processing';
+
+-- Put back what died: jobs whose lease expired (their reactor stopped renewing it), jobs in
+-- processing with no lease for longer than p_orphan_after (set by hand), and jobs processing for
+-- longer than job_timeout_minutes plus p_grace. Each goes back to queued with retry_count + 1 and
+-- a TIMEOUT error, or to failed once its retries are spent.
+CREATE FUNCTION reactor.sweep(p_grace interval DEFAULT '30 seconds',
+                              p_orphan_after interval DEFAULT '30 seconds')
+RETURNS TABLE (id uuid, status text, reason text, held_by text)
+LANGUAGE sql AS $$
+    WITH cfg AS (
+        SELECT make_interval(mins => c.job_timeout_minutes) AS timeout FROM public.job_queue_config c
+    ), stale AS (
+        SELECT j.id, j.locked_by,
+               CASE WHEN j.started_at < now() - cfg.timeout - p_grace THEN 'job_timeout'
+                    ELSE 'lease_expired' END AS reason,
+               cfg.timeout
+          FROM reactor.jobs j, cfg
+         WHERE j.status = 'processing'
+           AND (j.lease_expires_at < now()
+                OR (j.lease_expires_at IS NULL AND coalesce(j.started_at, j.updated_at) < now() - p_orphan_after)
+                OR j.started_at < now() - cfg.timeout - p_grace)
+           FOR UPDATE OF j SKIP LOCKED
+    )
+    UPDATE reactor.jobs j
+       SET status = CASE WHEN j.retry_count < j.max_retries THEN 'queued' ELSE 'failed' END,
+           retry_count = CASE WHEN j.retry_count < j.max_retries THEN j.retry_count + 1 ELSE j.retry_count END,
+           run_after = now(),
+           error_category = 'TIMEOUT',
+           error_message = CASE s.reason
+               WHEN 'job_timeout' THEN 'timed out: processing for longer than ' || s.timeout::text
+               ELSE 'lease expired: ' || coalesce('reactor ' || s.locked_by, 'no reactor') ||
+                    ' stopped renewing it (crashed or cut off)' END,
+           error_details = jsonb_build_object('reason', s.reason, 'held_by', s.locked_by,
+                                              'started_at', j.started_at, 'at', now())
+      FROM stale s
+     WHERE j.id = s.id
+    RETURNING j.id, j.status, s.reason, s.locked_by
+$$;
+
+-- When the reactor should next look without being told: the earliest delayed retry, and the
+-- earliest lease held by anyone (a dead reactor's lease expiring is nobody's NOTIFY).
+CREATE FUNCTION reactor.next_wakeups(OUT next_due timestamptz, OUT next_lease_expiry timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT min(j.run_after) FROM reactor.jobs j
+             WHERE j.status = 'queued' AND j.run_after > j.created_at AND j.run_after > now()),
+           (SELECT min(j.lease_expires_at) FROM reactor.jobs j WHERE j.status = 'processing')
+$$;
+
+
+DELETE FROM reactor.schema_migrations WHERE version = 9;

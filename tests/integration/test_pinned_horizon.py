@@ -1,0 +1,152 @@
+"""While something pins the MVCC horizon (a pg_dump, a session idle in transaction), no index scan
+may mark an entry dead, so an index keeps one entry for every row version since. What the reactor
+runs per job, and per sweep, must not walk those (migration 0009, bench/README "Under MVCC
+pressure"). Work is counted in buffers read (EXPLAIN (ANALYZE, BUFFERS)), not in time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from reactor.db import Database
+
+Conn = psycopg.Connection[Any]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def conn(dsn: str, db: Conn) -> Conn:
+    """A database with 20,000 finished jobs: big enough that the planner reads a job by its key
+    rather than scanning the table (as it would in production)."""
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 100000, max_manim_renders = 100000")
+    db.execute("INSERT INTO jobs (job_type, status, payload, created_at) "
+               "SELECT 'topic_short', 'completed', jsonb_build_object('topic', 'old ' || g), "
+               "now() - interval '30 days' FROM generate_series(1, 20000) g")
+    db.execute("VACUUM ANALYZE reactor.jobs")
+    return db
+
+
+@pytest.fixture
+def pinned(dsn: str) -> Iterator[Conn]:
+    """A session idle in a REPEATABLE READ transaction: vacuum and index scans keep every version."""
+    with psycopg.connect(dsn) as holder:
+        holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT count(*) FROM reactor.jobs")
+        yield holder
+        holder.rollback()
+
+
+def outcome(job: tuple[str, int]) -> str:
+    return json.dumps([{"id": job[0], "attempt": job[1], "status": "completed", "result": {"video_url": "u"},
+                        "retry_count": 0, "delay_s": 0, "error_category": None, "error_message": None,
+                        "error_details": None}])
+
+
+def insert_and_claim(conn: Conn, lease_s: float = 1.0) -> tuple[str, int]:
+    conn.execute("INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"t\"}')")
+    row = conn.execute("SELECT id::text, attempt FROM reactor.claim_jobs('r', 1, make_interval(secs => %s))",
+                       (lease_s,)).fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1])
+
+
+def run_through(conn: Conn, n: int) -> None:
+    """``n`` jobs inserted, claimed and completed, one at a time, as the reactor does; then the
+    statistics autovacuum's ANALYZE would gather (a handful of jobs queued or processing)."""
+    for _ in range(n):
+        job = insert_and_claim(conn)
+        conn.execute("SELECT * FROM reactor.finish_and_claim(%s::jsonb, 'r', 0, interval '1 s')", (outcome(job),))
+    conn.execute("ANALYZE reactor.jobs")
+
+
+def buffers(conn: Conn, statement: str, params: tuple[Any, ...] = ()) -> int:
+    """Shared buffers the statement touched, nested statements included."""
+    row = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params).fetchone()
+    assert row is not None
+    plan = row[0][0]["Plan"]
+    return int(plan.get("Shared Hit Blocks", 0)) + int(plan.get("Shared Read Blocks", 0))
+
+
+def test_an_outcome_reads_as_much_after_thousands_of_jobs_as_after_a_hundred(conn: Conn, pinned: Conn) -> None:
+    run_through(conn, 200)
+    early = buffers(conn, "SELECT * FROM reactor.finish_and_claim(%s::jsonb, 'r', 0, interval '1 s')",
+                    (outcome(insert_and_claim(conn)),))
+    run_through(conn, 2500)
+    late = buffers(conn, "SELECT * FROM reactor.finish_and_claim(%s::jsonb, 'r', 0, interval '1 s')",
+                   (outcome(insert_and_claim(conn)),))
+    # before 0009 the outcome's UPDATE hash-joined the whole processing index: +1 buffer per ~10
+    # jobs that had passed through processing (here about +250)
+    assert late <= early + 40, (early, late)
+
+
+def test_a_sweep_from_its_floor_skips_the_leases_an_earlier_sweep_saw(conn: Conn, pinned: Conn) -> None:
+    run_through(conn, 2000)  # 2,000 leases of a second, each ended by an outcome, none removable
+    row = conn.execute("SELECT clock_timestamp() + interval '2 s'").fetchone()  # above every one of them
+    assert row is not None
+    floor = row[0]
+    insert_and_claim(conn, lease_s=600)
+    full = buffers(conn, "SELECT * FROM reactor.sweep()")
+    floored = buffers(conn, "SELECT * FROM reactor.sweep(p_since => %s)", (floor,))
+    wake_full = buffers(conn, "SELECT * FROM reactor.next_wakeups()")
+    wake_floored = buffers(conn, "SELECT * FROM reactor.next_wakeups(%s)", (floor,))
+    assert floored < 40 < full, (floored, full)
+    assert wake_floored < 40 < wake_full, (wake_floored, wake_full)
+    row = conn.execute("SELECT next_lease_expiry > now() + interval '500 s' FROM reactor.next_wakeups(%s)",
+                       (floor,)).fetchone()
+    assert row == (True,)
+
+
+def test_prune_goes_on_from_where_it_stopped(conn: Conn, pinned: Conn) -> None:
+    run_through(conn, 500)
+    row = conn.execute("SELECT events_pruned, totals_from FROM reactor.prune()").fetchone()
+    assert row is not None
+    newest = conn.execute("SELECT max(id) FROM reactor.totals").fetchone()
+    assert row[1] == newest[0] if newest else None
+    assert conn.execute("SELECT count(*) FROM reactor.totals").fetchone() == (1,)
+    run_through(conn, 1500)
+    full = buffers(conn, "SELECT * FROM reactor.prune()")
+    run_through(conn, 10)
+    row = conn.execute("SELECT max(id) FROM reactor.totals").fetchone()
+    assert row is not None
+    conn.execute("SELECT * FROM reactor.prune()")  # everything up to now
+    run_through(conn, 10)
+    after = buffers(conn, "SELECT * FROM reactor.prune(now(), %s)", (row[0],))
+    assert after < 100 < full, (after, full)
+    # the newest row always stays, and is the one readers take
+    assert conn.execute("SELECT count(*) FROM reactor.totals").fetchone() == (1,)
+    assert conn.execute("SELECT last_seq FROM reactor.counters").fetchone() == conn.execute(
+        "SELECT max(seq) FROM reactor.events").fetchone()
+
+
+async def test_a_straggler_below_the_floor_is_taken_back_by_the_next_full_sweep(conn: Conn, dsn: str) -> None:
+    database = Database(dsn, "r")
+    await database.open()
+    try:
+        await database.sweep(grace_s=30, orphan_s=30)  # the first sweep looks at everything
+        floor = database._sweep_floor
+        assert floor is not None
+        # expired leases: one below the floor (a claim that committed long after it began), one above
+        below = insert_and_claim(conn, lease_s=600)[0]
+        above = insert_and_claim(conn, lease_s=600)[0]
+        conn.execute("UPDATE reactor.jobs SET lease_expires_at = %s WHERE id = %s",
+                     (floor - timedelta(seconds=30), below))
+        conn.execute("UPDATE reactor.jobs SET lease_expires_at = %s WHERE id = %s",
+                     (floor + timedelta(seconds=1), above))
+        unleased = insert_and_claim(conn, lease_s=600)[0]  # processing with no lease: set by hand
+        conn.execute("UPDATE reactor.jobs SET lease_expires_at = NULL, started_at = now() - interval '1 h' "
+                     "WHERE id = %s", (unleased,))
+        swept, _ = await database.sweep(grace_s=30, orphan_s=30)
+        assert {str(r["id"]) for r in swept} == {above, unleased}
+        database._full_sweep_at = 0.0  # the full sweep's time has come
+        swept, _ = await database.sweep(grace_s=30, orphan_s=30)
+        assert {str(r["id"]) for r in swept} == {below}
+        row = conn.execute("SELECT status, error_category FROM reactor.jobs WHERE id = %s", (below,)).fetchone()
+        assert row == ("queued", "TIMEOUT")
+    finally:
+        await database.close()
