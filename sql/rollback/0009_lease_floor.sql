@@ -73,4 +73,47 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 
+CREATE OR REPLACE FUNCTION public.get_queue_stats(
+    OUT total bigint, OUT queued bigint, OUT processing bigint, OUT completed bigint,
+    OUT failed bigint, OUT cancelled bigint,
+    OUT queued_high bigint, OUT queued_medium bigint, OUT queued_low bigint,
+    OUT avg_wait_seconds double precision, OUT avg_processing_seconds double precision,
+    OUT oldest_queued_at timestamptz, OUT oldest_queued_age_seconds double precision,
+    OUT completed_last_hour bigint, OUT failed_last_hour bigint,
+    OUT max_renders integer, OUT max_manim_renders integer, OUT peak boolean, OUT paused boolean,
+    OUT last_seq bigint, OUT as_of timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH oldest AS (
+        SELECT min(m.created_at) AS at
+        FROM (VALUES (0::smallint), (1::smallint), (2::smallint)) r(rank),
+        LATERAL (
+            (SELECT j.created_at FROM reactor.jobs j
+              WHERE j.status = 'queued' AND j.renderer = 'manim' AND j.priority_rank = r.rank
+              ORDER BY j.created_at LIMIT 1)
+            UNION ALL
+            (SELECT j.created_at FROM reactor.jobs j
+              WHERE j.status = 'queued' AND j.renderer <> 'manim' AND j.priority_rank = r.rank
+              ORDER BY j.created_at LIMIT 1)
+        ) m
+    ), started AS (
+        SELECT avg(extract(epoch FROM j.started_at - j.created_at))::double precision AS wait
+        FROM reactor.jobs j WHERE j.started_at >= now() - interval '1 hour'
+    ), finished AS (
+        SELECT count(*) FILTER (WHERE j.status = 'completed') AS completed,
+               count(*) FILTER (WHERE j.status = 'failed') AS failed,
+               avg(extract(epoch FROM j.completed_at - j.started_at))
+                   FILTER (WHERE j.status = 'completed' AND j.started_at IS NOT NULL)::double precision AS run
+        FROM reactor.jobs j WHERE j.completed_at >= now() - interval '1 hour'
+    )
+    SELECT c.queued + c.processing + c.completed + c.failed + c.cancelled,
+           c.queued, c.processing, c.completed, c.failed, c.cancelled,
+           c.queued_high, c.queued_medium, c.queued_low,
+           started.wait, finished.run,
+           oldest.at, extract(epoch FROM now() - oldest.at)::double precision,
+           finished.completed, finished.failed,
+           l.max_renders, l.max_manim, l.peak, l.paused,
+           c.last_seq, now()
+    FROM reactor.counters c, oldest, started, finished, reactor.effective_limits(now()) l
+$$;
+
 DELETE FROM reactor.schema_migrations WHERE version = 9;

@@ -90,6 +90,12 @@ def test_totals_positions_and_seq_stay_exact_under_concurrent_writers(dsn: str, 
         running = db.execute("SELECT count(*), count(*) FILTER (WHERE renderer = 'manim') FROM reactor.jobs "
                              "WHERE status = 'processing'").fetchone()
         assert running is not None and running[0] <= 40 and running[1] <= 15, running
+        # the oldest queued job (found from the claims' cursors) is the one a recount finds
+        with db.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            oldest = db.execute("SELECT oldest_queued_at, (SELECT min(created_at) FROM reactor.jobs "
+                                "WHERE status = 'queued') FROM get_queue_stats()").fetchone()
+        assert oldest is not None and oldest[0] == oldest[1], oldest
         time.sleep(0.2)
     stop.set()
     for t in threads:
@@ -98,7 +104,10 @@ def test_totals_positions_and_seq_stay_exact_under_concurrent_writers(dsn: str, 
 
     with db.cursor(row_factory=dict_row) as cur:
         truth = cur.execute(COUNTS).fetchone()
-        totals = cur.execute("SELECT * FROM reactor.totals ORDER BY id DESC LIMIT 1").fetchone()
+        # (not the claim cursors: -infinity, where no claim moved one, is no Python datetime)
+        totals = cur.execute("SELECT seq, queued, processing, processing_manim, completed, failed, cancelled, "
+                             "queued_high, queued_medium, queued_low "
+                             "FROM reactor.totals ORDER BY id DESC LIMIT 1").fetchone()
         counters = cur.execute("SELECT * FROM reactor.counters").fetchone()
         assert truth and totals and counters
         manim = cur.execute("SELECT count(*) AS n FROM reactor.jobs "
