@@ -2,9 +2,9 @@
 
 Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), the feed and probes
 (with ``--listen``: port bound), sweep; then ready. Each of these parts (and the alert loop and the
-systemd watchdog) runs under a :class:`~reactor.supervise.PartSupervisor`: one that fails is
+systemd watchdog) runs under a :class:`~reactor.engine.supervise.PartSupervisor`: one that fails is
 restarted with backoff and reported on ``/readyz``; one that fails too often stops the reactor, and
-``run`` raises :class:`~reactor.supervise.PartFailed` (reactor/supervise.py).
+``run`` raises :class:`~reactor.engine.supervise.PartFailed` (reactor/engine/supervise.py).
 SIGTERM (or SIGINT) drains: stop claiming, let renders finish within the grace period, abort and
 return the rest to the queue without spending a retry, exit 0. A second signal aborts at once.
 """
@@ -25,16 +25,16 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import Counter
 
-from reactor.alerts import ALERTS as ALERT_NAMES
-from reactor.alerts import Alerts, AlertSettings
-from reactor.db import TRANSIENT_ERRORS, Database
-from reactor.dispatch import Dispatcher, DispatchSettings
-from reactor.feed import Feed, FeedSettings
-from reactor.listener import Listener, Notice
-from reactor.metrics import Metrics
-from reactor.render import RenderClient
-from reactor.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
-from reactor.systemd import Notifier, Supervisor, describe
+from reactor.db.store import TRANSIENT_ERRORS, Database
+from reactor.engine.dispatcher import Dispatcher, DispatchSettings
+from reactor.engine.listener import Listener, Notice
+from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
+from reactor.ops.alerts import ALERTS as ALERT_NAMES
+from reactor.ops.alerts import Alerts, AlertSettings
+from reactor.ops.systemd import Notifier, Supervisor, describe
+from reactor.render.client import RenderClient
+from reactor.web.feed import Feed, FeedSettings
+from reactor.web.metrics import Metrics
 
 __all__ = ["Service", "ServiceSettings", "new_reactor_id"]
 
@@ -62,12 +62,12 @@ class ServiceSettings:
     handle_signals: bool = True
     #: the live feed and HTTP probes (``--listen``); None: not served
     feed: FeedSettings | None = None
-    #: the fleet's alerts, evaluated here (reactor/alerts.py)
+    #: the fleet's alerts, evaluated here (reactor/ops/alerts.py)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener (or a required part) is
     #: down this long
     listener_grace_s: float = 120.0
-    #: restarting a part that failed, and when to give up (reactor/supervise.py)
+    #: restarting a part that failed, and when to give up (reactor/engine/supervise.py)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 

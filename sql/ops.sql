@@ -1,4 +1,4 @@
--- Named queries of the runbook commands (reactor/ops.py). Parameters are %(name)s.
+-- Named queries of the runbook commands (reactor/ops/runbook.py). Parameters are %(name)s.
 -- The commands work on reactor.jobs directly: they run as the owner of the schema, like the reactor.
 
 -- name: set_actor

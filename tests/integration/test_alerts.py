@@ -21,11 +21,11 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from reactor.alerts import ALERTS, Alerts, AlertSettings, Figures, decide, measure, settings_from
-from reactor.db import connect_kwargs
-from reactor.devorch import OrchestratorDouble
-from reactor.errors import ConfigError
+from reactor.core.errors import ConfigError
+from reactor.db.store import connect_kwargs
+from reactor.ops.alerts import ALERTS, Alerts, AlertSettings, Figures, decide, measure, settings_from
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -130,7 +130,7 @@ def insert_jobs(db: psycopg.Connection[Any], n: int) -> None:
 
 def alert_records(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "reactor.alerts" and r.getMessage().startswith(("alert firing: " + name,
+            if r.name == "reactor.ops.alerts" and r.getMessage().startswith(("alert firing: " + name,
                                                                           "alert resolved: " + name))]
 
 
@@ -165,7 +165,7 @@ def test_webhook_setting_comes_from_the_option_or_the_environment() -> None:
 async def test_queue_depth_fires_while_paused_and_resolves_on_resume_once_each(
     dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="reactor.alerts")
+    caplog.set_level(logging.INFO, logger="reactor.ops.alerts")
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0, alert_queue_depth = 3")
     with webhook() as hook:
         async with (
@@ -203,7 +203,7 @@ async def test_queue_depth_fires_while_paused_and_resolves_on_resume_once_each(
 async def test_two_reactors_send_each_transition_once(
     dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="reactor.alerts")
+    caplog.set_level(logging.INFO, logger="reactor.ops.alerts")
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0, alert_queue_depth = 3")
     racing = replace(FAST_ALERTS, every_s=0.05)
     with webhook() as hook:

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from reactor.cli import main
-from reactor.migrations import discover, migrate_down
-from reactor.ops import transaction_pooler_reason
+from reactor.cli.main import main
+from reactor.db.migrations import discover, migrate_down
+from reactor.ops.runbook import transaction_pooler_reason
 
 Conn = psycopg.Connection[Any]
 

@@ -20,10 +20,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from reactor.auth import AuthSettings
-from reactor.feed import Feed, FeedSettings
-from reactor.logs import KeyValueFormatter
+from reactor.core.logs import KeyValueFormatter
 from reactor.service import ServiceSettings
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import Feed, FeedSettings
 from tests.integration.test_feed import (
     SECRET,
     USER_A,
@@ -45,7 +45,7 @@ ORCHESTRATOR = "http://127.0.0.1:9"  # nothing renders in these tests: the feed 
 
 
 class _Lines(logging.Handler):
-    """Each record formatted as the reactor writes it, when it is logged (reactor.logs' formatter: the
+    """Each record formatted as the reactor writes it, when it is logged (reactor.core.logs' formatter: the
     one that hides secrets)."""
 
     def __init__(self) -> None:
@@ -79,7 +79,7 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "reactor.feed" and r.msg.startswith("feed client refused")]
+    return [r for r in caplog.records if r.name == "reactor.web.feed" and r.msg.startswith("feed client refused")]
 
 
 def assert_clean_log(caplog: pytest.LogCaptureFixture, refused: int | None = 1) -> None:

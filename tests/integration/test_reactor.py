@@ -11,7 +11,7 @@ import anyio
 import psycopg
 import pytest
 
-from reactor.devorch import OrchestratorDouble
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.processes import until
 from tests.support.reactors import running_reactor, wait_for
 

@@ -20,12 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from reactor.auth import AuthSettings
-from reactor.devorch import OrchestratorDouble
-from reactor.feed import FeedSettings
-from reactor.listener import Notice
+from reactor.engine.listener import Notice
+from reactor.engine.supervise import PartFailed, RestartPolicy, describe_error
 from reactor.service import Service, ServiceSettings
-from reactor.supervise import PartFailed, RestartPolicy, describe_error
+from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import FeedSettings
 from tests.support.processes import PATIENCE_S, jobs_state, reactor_process, until
 from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
@@ -54,7 +54,8 @@ def settings(dsn: str, orchestrator_url: str, restart: RestartPolicy, *, feed: b
 
 
 def failures_logged(caplog: pytest.LogCaptureFixture, part: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "reactor.supervise" and r.getMessage().startswith(f"{part} failed")]
+    return [r for r in caplog.records
+            if r.name == "reactor.engine.supervise" and r.getMessage().startswith(f"{part} failed")]
 
 
 async def test_a_failed_listener_is_restarted_and_readyz_says_so(

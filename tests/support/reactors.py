@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from reactor.dispatch import DispatchSettings
+from reactor.engine.dispatcher import DispatchSettings
 from reactor.service import Service, ServiceSettings
 
 FAST_DISPATCH = DispatchSettings(

@@ -8,7 +8,7 @@ import json
 import pytest
 from websockets.datastructures import Headers
 
-from reactor.feed import (
+from reactor.web.feed import (
     _BadRequest,
     _Gate,
     _nonneg_int,
@@ -167,8 +167,8 @@ def test_the_bucket_ignores_a_clock_going_back() -> None:
 
 
 def test_the_feed_flags_reach_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reactor.cli import _feed_settings, build_parser
-    from reactor.feed import FeedSettings
+    from reactor.cli.main import _feed_settings, build_parser
+    from reactor.web.feed import FeedSettings
 
     monkeypatch.setenv("REACTOR_JWT_SECRET", "cli-secret-0123456789abcdef-0123456789")
     args = build_parser().parse_args([
@@ -190,9 +190,9 @@ def test_the_feed_flags_reach_its_settings(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize("bad", [{"max_clients": 0}, {"max_unauthenticated": 0}, {"request_rate": 0.0},
                                  {"request_burst": 0}])
 def test_nonsense_feed_limits_fail_fast(bad: dict[str, object]) -> None:
-    from reactor.auth import AuthSettings
-    from reactor.errors import ConfigError
-    from reactor.feed import FeedSettings
+    from reactor.core.errors import ConfigError
+    from reactor.web.auth import AuthSettings
+    from reactor.web.feed import FeedSettings
 
     with pytest.raises(ConfigError, match="must be"):
         FeedSettings(auth=AuthSettings(jwt_secret="x" * 32), **bad)  # type: ignore[arg-type]

@@ -20,9 +20,9 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from reactor import dashboard
-from reactor.auth import Authenticator, AuthError, AuthSettings, Principal
-from reactor.feed import _auth_message, _nonneg_int, _parse, _Refused
+from reactor.web import dashboard
+from reactor.web.auth import Authenticator, AuthError, AuthSettings, Principal
+from reactor.web.feed import _auth_message, _nonneg_int, _parse, _Refused
 
 SECRET = "fuzz-test-shared-secret-0123456789abcdef"
 AUTH = Authenticator(AuthSettings(jwt_secret=SECRET, audience="authenticated"))

@@ -16,10 +16,11 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from reactor import __version__, pgtypes
-from reactor.errors import DatabaseError, StatementRefused
-from reactor.models import ClaimedJob, Outcome
-from reactor.sqlfiles import load_queries
+from reactor import __version__
+from reactor.core.errors import DatabaseError, StatementRefused
+from reactor.core.models import ClaimedJob, Outcome
+from reactor.db import pgtypes
+from reactor.db.sqlfiles import load_queries
 
 __all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "one_line", "sanitize_json"]
 

@@ -61,7 +61,7 @@ def _quote(value: object) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=... level=info logger=reactor.dispatch msg="job started" job_id=... attempt=1``.
+    """``ts=... level=info logger=reactor.engine.dispatcher msg="job started" job_id=... attempt=1``.
 
     With ``journald=True`` each line starts with a ``<N>`` syslog priority that journald reads.
     """

@@ -22,7 +22,7 @@ import httpx
 import psycopg
 from psycopg.rows import dict_row
 
-from reactor.errors import ReactorError
+from reactor.core.errors import ReactorError
 
 __all__ = ["SmokeFailed", "SmokeSettings", "run_smoke"]
 

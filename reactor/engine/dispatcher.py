@@ -25,12 +25,12 @@ from uuid import UUID
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from reactor.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
-from reactor.db import TRANSIENT_ERRORS
-from reactor.errors import RenderError, StatementRefused
-from reactor.listener import Notice
-from reactor.models import ClaimedJob, Outcome, RenderRequest, RenderResult
-from reactor.policy import InvalidPayload, build_request, decide_failure
+from reactor.core.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
+from reactor.core.errors import RenderError, StatementRefused
+from reactor.core.models import ClaimedJob, Outcome, RenderRequest, RenderResult
+from reactor.core.policy import InvalidPayload, build_request, decide_failure
+from reactor.db.store import TRANSIENT_ERRORS
+from reactor.engine.listener import Notice
 
 __all__ = ["DispatchSettings", "Dispatcher", "JobStore", "Reaction", "RenderFn", "notice_reaction"]
 
@@ -44,7 +44,7 @@ OUTAGE_STATUSES = frozenset({502, 503})
 
 
 class JobStore(Protocol):
-    """What the dispatcher needs from the database (reactor.db.Database provides it)."""
+    """What the dispatcher needs from the database (reactor.db.store.Database provides it)."""
 
     reactor_id: str
 

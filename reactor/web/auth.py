@@ -39,9 +39,9 @@ import anyio
 import jwt
 from jwt.exceptions import PyJWKError
 
-from reactor.errors import ConfigError, ReactorError
-from reactor.logs import redact
-from reactor.models import parse_uuid
+from reactor.core.errors import ConfigError, ReactorError
+from reactor.core.logs import redact
+from reactor.core.models import parse_uuid
 
 __all__ = [
     "AuthError",

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from reactor import __version__
-from reactor.config import resolve_dsn
-from reactor.errors import ReactorError
+from reactor.cli.settings import resolve_dsn
+from reactor.core.errors import ReactorError
 
 __all__ = ["build_parser", "main"]
 
@@ -22,7 +22,7 @@ def _add_dsn(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from reactor.migrations import migrate_down, migrate_up
+    from reactor.db.migrations import migrate_down, migrate_up
 
     if getattr(args, "supabase", False):
         return _cmd_migrate_supabase(args)
@@ -48,8 +48,8 @@ def _dsn_or_embedded(dsn: str | None) -> str:
 
     if dsn or os.environ.get("DATABASE_URL"):
         return resolve_dsn(dsn)
-    from reactor.embedded import EmbeddedPostgres, default_data_dir
-    from reactor.migrations import migrate_up
+    from reactor.db.embedded import EmbeddedPostgres, default_data_dir
+    from reactor.db.migrations import migrate_up
 
     server = EmbeddedPostgres(default_data_dir())
     url = server.start()
@@ -61,7 +61,7 @@ def _dsn_or_embedded(dsn: str | None) -> str:
 def _orchestrator_url(value: str | None) -> str:
     import os
 
-    from reactor.errors import ConfigError
+    from reactor.core.errors import ConfigError
 
     url = value or os.environ.get("REACTOR_ORCHESTRATOR_URL", "")
     if not url.startswith(("http://", "https://")):
@@ -108,7 +108,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _parse_listen(value: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT, or :PORT (every interface)."""
-    from reactor.errors import ConfigError
+    from reactor.core.errors import ConfigError
 
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -121,8 +121,8 @@ def _feed_settings(args: argparse.Namespace) -> object:
     """The feed's settings from --listen and friends (None without --listen)."""
     import os
 
-    from reactor.auth import AuthSettings
-    from reactor.feed import FeedSettings
+    from reactor.web.auth import AuthSettings
+    from reactor.web.feed import FeedSettings
 
     listen = getattr(args, "listen", None)
     if not listen:
@@ -131,7 +131,7 @@ def _feed_settings(args: argparse.Namespace) -> object:
     auth = AuthSettings(
         jwt_secret=os.environ.get("REACTOR_JWT_SECRET") or None, jwks=args.jwks, audience=args.jwt_audience,
     )
-    from reactor.feed import tls_context
+    from reactor.web.feed import tls_context
 
     cert = args.tls_cert or os.environ.get("REACTOR_TLS_CERT") or None
     key = args.tls_key or os.environ.get("REACTOR_TLS_KEY") or None
@@ -144,10 +144,10 @@ def _feed_settings(args: argparse.Namespace) -> object:
 
 
 def _service_settings(args: argparse.Namespace, dsn: str, orchestrator: str) -> object:
-    from reactor.alerts import settings_from
-    from reactor.dispatch import DispatchSettings
-    from reactor.feed import FeedSettings
+    from reactor.engine.dispatcher import DispatchSettings
+    from reactor.ops.alerts import settings_from
     from reactor.service import ServiceSettings, new_reactor_id
+    from reactor.web.feed import FeedSettings
 
     feed = _feed_settings(args)
     assert feed is None or isinstance(feed, FeedSettings)
@@ -175,8 +175,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     orchestrator = _orchestrator_url(args.orchestrator_url)
     dsn = _dsn_or_embedded(args.dsn)
     if not args.allow_pooler_port:
-        from reactor.errors import ConfigError
-        from reactor.ops import transaction_pooler_reason
+        from reactor.core.errors import ConfigError
+        from reactor.ops.runbook import transaction_pooler_reason
 
         reason = transaction_pooler_reason(dsn)
         if reason is not None:
@@ -197,18 +197,18 @@ def _loop_options() -> dict[str, bool]:
 
 
 def _cmd_dev_orchestrator(args: argparse.Namespace) -> int:
-    from reactor import devorch
+    from reactor.testing import orchestrator as devorch
 
     return devorch.run_from_args(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from reactor import demo
+    from reactor.cli import demo
 
     return demo.run(args)
 
 
-# -- runbook commands (logic in reactor/ops.py; printing here) ------------------------------------
+# -- runbook commands (logic in reactor/ops/runbook.py; printing here) ------------------------------------
 #
 # Exit codes: 0 done; 1 the command ran and the answer is no (a check failed, no such job, a job
 # whose status does not allow the change); 2 it could not run (usage, no or bad DSN, database
@@ -292,7 +292,7 @@ def _refusal_exits_1(command: _Command) -> _Command:
 
     @functools.wraps(command)
     def wrapper(args: argparse.Namespace) -> int:
-        from reactor.ops import Refused
+        from reactor.ops.runbook import Refused
 
         try:
             return command(args)
@@ -304,7 +304,7 @@ def _refusal_exits_1(command: _Command) -> _Command:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from reactor.ops import connect, status
+    from reactor.ops.runbook import connect, status
 
     with connect(resolve_dsn(args.dsn)) as conn:
         st = status(conn, alive_within_s=args.alive_seconds)
@@ -365,7 +365,7 @@ def _job_rows(jobs: Sequence[dict[str, object]]) -> list[list[str]]:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from reactor.ops import connect, list_jobs, parse_uuid
+    from reactor.ops.runbook import connect, list_jobs, parse_uuid
 
     user = parse_uuid(args.user, "--user") if args.user else None
     with connect(resolve_dsn(args.dsn)) as conn:
@@ -384,7 +384,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     import json
 
-    from reactor.ops import connect, parse_uuid, show_job
+    from reactor.ops.runbook import connect, parse_uuid, show_job
 
     job_id = parse_uuid(args.id)
     with connect(resolve_dsn(args.dsn)) as conn:
@@ -412,8 +412,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 @_refusal_exits_1
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from reactor.errors import ConfigError
-    from reactor.ops import connect, parse_duration, parse_uuid, retry_failed_since, retry_job
+    from reactor.core.errors import ConfigError
+    from reactor.ops.runbook import connect, parse_duration, parse_uuid, retry_failed_since, retry_job
 
     if (args.id is None) == (args.failed_since is None):
         raise ConfigError("give a job id, or --failed-since DURATION (e.g. 2h), not both")
@@ -445,7 +445,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
 
 @_refusal_exits_1
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from reactor.ops import cancel_job, connect, parse_uuid
+    from reactor.ops.runbook import cancel_job, connect, parse_uuid
 
     job_id = parse_uuid(args.id)
     with connect(resolve_dsn(args.dsn)) as conn:
@@ -463,7 +463,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_requeue_stuck(args: argparse.Namespace) -> int:
-    from reactor.ops import connect, requeue_stuck
+    from reactor.ops.runbook import connect, requeue_stuck
 
     with connect(resolve_dsn(args.dsn)) as conn:
         swept = requeue_stuck(conn, grace_s=args.grace_seconds, orphan_s=args.orphan_seconds)
@@ -480,7 +480,7 @@ def _cmd_requeue_stuck(args: argparse.Namespace) -> int:
 
 
 def _cmd_pause(args: argparse.Namespace) -> int:
-    from reactor.ops import connect, pause
+    from reactor.ops.runbook import connect, pause
 
     with connect(resolve_dsn(args.dsn)) as conn:
         res = pause(conn)
@@ -496,7 +496,7 @@ def _cmd_pause(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from reactor.ops import connect, resume
+    from reactor.ops.runbook import connect, resume
 
     with connect(resolve_dsn(args.dsn)) as conn:
         res = resume(conn, to=args.to)
@@ -512,7 +512,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from reactor.ops import config_show, connect
+    from reactor.ops.runbook import config_show, connect
 
     with connect(resolve_dsn(args.dsn)) as conn:
         cfg = config_show(conn)
@@ -526,7 +526,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_set(args: argparse.Namespace) -> int:
-    from reactor.ops import config_set, connect, parse_assignments
+    from reactor.ops.runbook import config_set, connect, parse_assignments
 
     assignments = parse_assignments(args.assignments)
     with connect(resolve_dsn(args.dsn)) as conn:
@@ -540,7 +540,7 @@ def _cmd_config_set(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from reactor.ops import connect, parse_uuid, submit
+    from reactor.ops.runbook import connect, parse_uuid, submit
 
     user = parse_uuid(args.user, "--user") if args.user else None
     with connect(resolve_dsn(args.dsn)) as conn:
@@ -557,7 +557,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     import os
 
-    from reactor.ops import check
+    from reactor.ops.runbook import check
 
     url = args.orchestrator_url or os.environ.get("REACTOR_ORCHESTRATOR_URL") or None
     results = check(resolve_dsn(args.dsn), orchestrator_url=url, listen_timeout_s=args.listen_timeout)
@@ -660,8 +660,8 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _cmd_migrate_supabase(args: argparse.Namespace) -> int:
     """`reactor migrate --supabase`: the numbered migrations, then the optional Supabase hardening;
     with --down, roll back the hardening alone."""
-    from reactor.errors import ConfigError
-    from reactor.migrations import migrate_optional_down, migrate_optional_up, migrate_up
+    from reactor.core.errors import ConfigError
+    from reactor.db.migrations import migrate_optional_down, migrate_optional_up, migrate_up
 
     dsn = resolve_dsn(args.dsn)
     if args.to is not None:
@@ -705,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "($REACTOR_ALERT_WEBHOOK)")
     p.set_defaults(func=_cmd_run)
 
-    from reactor import devorch
+    from reactor.testing import orchestrator as devorch
 
     p = sub.add_parser("dev-orchestrator", help="run the orchestrator test double (for demos and tests)")
     devorch.add_arguments(p)
@@ -738,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_smoke(args: argparse.Namespace) -> int:
     import os
 
-    from reactor.smoke import SmokeFailed, SmokeSettings, run_smoke
+    from reactor.ops.smoke import SmokeFailed, SmokeSettings, run_smoke
 
     rest_key = args.rest_key or os.environ.get("REACTOR_REST_KEY")
     dsn = None if args.rest_url else resolve_dsn(args.dsn)
@@ -759,7 +759,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from reactor.logs import setup_logging
+    from reactor.core.logs import setup_logging
 
     setup_logging(str(args.log_level), journald=bool(getattr(args, "journald", False)))
     try:

@@ -1,6 +1,6 @@
 """The admin dashboard: a static page at ``/`` and the requests it sends over the feed.
 
-The page (``reactor/static/``: ``index.html``, ``app.js``, ``app.css``; no build step, nothing loaded
+The page (``reactor/web/static/``: ``index.html``, ``app.js``, ``app.css``; no build step, nothing loaded
 from elsewhere) is served by the feed's port through :func:`static_routes`. It signs in with the
 feed's ``auth`` message and then sends, on the same websocket, the requests answered here
 (:class:`Requests`); each may carry a ``request_id`` (a short string or a number), echoed back:
@@ -16,7 +16,7 @@ feed's ``auth`` message and then sends, on the same websocket, the requests answ
 * ``{"type": "action", "action": "cancel" | "retry" | "pause" | "resume" | "set_limits", "id"?,
   "values"?}`` -> ``{"type": "action_result", "ok": bool, "error"?}``: admins only (anyone else gets
   ``ok: false, error: "forbidden"`` and nothing changes). The actions are the runbook's own
-  (:mod:`reactor.ops`), each in one transaction that records ``admin:<sub>`` in ``job_events.actor``.
+  (:mod:`reactor.ops.runbook`), each in one transaction that records ``admin:<sub>`` in ``job_events.actor``.
 
 Admins also get ``{"type": "alert", ...}`` (a ``NOTIFY reactor_alerts`` payload) and
 ``{"type": "circuit", "reactor", "circuit", "since"}`` (``NOTIFY reactor_fleet``) as they happen:
@@ -44,12 +44,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from reactor import ops
-from reactor.auth import Principal
-from reactor.errors import ReactorError
-from reactor.listener import Notice
-from reactor.models import parse_uuid
-from reactor.sqlfiles import load_queries
+from reactor.core.errors import ReactorError
+from reactor.core.models import parse_uuid
+from reactor.db.sqlfiles import load_queries
+from reactor.engine.listener import Notice
+from reactor.ops import runbook as ops
+from reactor.web.auth import Principal
 
 __all__ = [
     "ACTIONS",
@@ -73,7 +73,7 @@ _MAX_LIMIT = 100_000
 
 # -- static files ---------------------------------------------------------------------------------
 
-#: URL path -> file in reactor/static
+#: URL path -> file in reactor/web/static
 STATIC_FILES = {
     "/": "index.html",
     "/static/app.js": "app.js",
@@ -104,7 +104,7 @@ def _response(status: int, body: bytes, content_type: str, headers: Mapping[str,
 
 def static_routes() -> dict[str, Callable[[Request], Awaitable[Response]]]:
     """The feed's HTTP routes for the page: its files, read once, now (they ship in the package)."""
-    folder = resources.files("reactor") / "static"
+    folder = resources.files("reactor.web") / "static"
     routes: dict[str, Callable[[Request], Awaitable[Response]]] = {}
     for path, name in STATIC_FILES.items():
         body = (folder / name).read_bytes()
@@ -200,7 +200,7 @@ class _Failed(Exception):
 class Requests:
     """Answers a signed-in client's ``job``, ``status`` and ``action`` messages.
 
-    Reads go through the feed's pool; actions run :mod:`reactor.ops` on a connection of their own in
+    Reads go through the feed's pool; actions run :mod:`reactor.ops.runbook` on a connection of their own in
     a worker thread (they are rare, and each is one short transaction with a lock timeout).
     """
 

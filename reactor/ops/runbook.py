@@ -7,7 +7,7 @@ returns data; the CLI prints it. Every change runs in one transaction that names
 
 Two kinds of failure, told apart by the exit code of the CLI:
 
-* :class:`~reactor.errors.ReactorError` (exit 2): the request could not be carried out: no or bad
+* :class:`~reactor.core.errors.ReactorError` (exit 2): the request could not be carried out: no or bad
   DSN, database unreachable, schema missing, a malformed id, duration, JSON or setting.
 * :class:`Refused` (exit 1): the request was understood and the database answered, but the answer is
   no: the job does not exist, or its status does not allow the change (cancelling a completed job).
@@ -34,9 +34,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from reactor.errors import ConfigError, DatabaseError, ReactorError
-from reactor.logs import redact
-from reactor.sqlfiles import load_queries
+from reactor.core.errors import ConfigError, DatabaseError, ReactorError
+from reactor.core.logs import redact
+from reactor.db.sqlfiles import load_queries
 
 __all__ = [
     "CancelResult",
@@ -584,7 +584,7 @@ def _check_listen(dsn: str, timeout_s: float) -> CheckResult:
 
 
 def _check_migrations(dsn: str) -> CheckResult:
-    from reactor.migrations import applied_versions, discover, discover_optional
+    from reactor.db.migrations import applied_versions, discover, discover_optional
 
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:

@@ -24,9 +24,9 @@ import anyio
 import httptools
 from pydantic import ValidationError
 
-from reactor.errors import RenderError
-from reactor.models import RenderRequest, RenderResult
-from reactor.policy import category_for_status, parse_retry_after
+from reactor.core.errors import RenderError
+from reactor.core.models import RenderRequest, RenderResult
+from reactor.core.policy import category_for_status, parse_retry_after
 
 __all__ = ["RenderClient"]
 

@@ -6,18 +6,19 @@ import functools
 import re
 from pathlib import Path
 
-from reactor.errors import ReactorError
+from reactor.core.errors import ReactorError
 
 __all__ = ["load_queries", "sql_dir"]
 
 
 @functools.cache
 def sql_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "sql", here / "sql"):  # a source checkout, then an installed wheel
+    package = Path(__file__).resolve().parent.parent  # reactor/
+    checkout, wheel = package.parent / "sql", package / "sql"  # a source checkout, then an installed wheel
+    for candidate in (checkout, wheel):
         if (candidate / "migrations").is_dir():
             return candidate
-    raise ReactorError(f"the reactor's SQL files are missing (looked in {here.parent / 'sql'} and {here / 'sql'})")
+    raise ReactorError(f"the reactor's SQL files are missing (looked in {checkout} and {wheel})")
 
 
 _HEADER = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)

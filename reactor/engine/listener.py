@@ -21,9 +21,9 @@ import anyio
 import psycopg
 from anyio.abc import TaskStatus
 
-from reactor.db import connect_kwargs, one_line
-from reactor.models import parse_uuid
-from reactor.policy import nested_deeper_than
+from reactor.core.models import parse_uuid
+from reactor.core.policy import nested_deeper_than
+from reactor.db.store import connect_kwargs, one_line
 
 __all__ = ["CHANNELS", "Listener", "Notice", "parse_notice"]
 

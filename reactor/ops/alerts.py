@@ -69,7 +69,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from reactor import __version__
-from reactor.errors import ConfigError
+from reactor.core.errors import ConfigError
 
 __all__ = [
     "ALERTS",

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from reactor.errors import EmbeddedPostgresError
+from reactor.core.errors import EmbeddedPostgresError
 
 __all__ = ["EmbeddedPostgres", "default_data_dir", "find_pg_bin"]
 

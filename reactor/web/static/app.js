@@ -1,6 +1,6 @@
 // Reactor dashboard: a live view of the job queue over the reactor's websocket feed.
 // Plain modern JavaScript, no build step, nothing loaded from elsewhere. Protocol: README, "Live feed"
-// and "Dashboard"; the requests (job, status, action) are answered by reactor/dashboard.py.
+// and "Dashboard"; the requests (job, status, action) are answered by reactor/web/dashboard.py.
 "use strict";
 
 (() => {

@@ -6,13 +6,13 @@ decode fails the whole fetch, and with it every job claimed in the same statemen
 
 * jsonb is decoded by :func:`lenient_loads`: a value that cannot be decoded (nested deeper than
   Python's recursion limit, about 1,000 levels, where PostgreSQL accepts about 10,000) comes back
-  as :class:`~reactor.models.Undecodable` carrying the reason;
+  as :class:`~reactor.core.models.Undecodable` carrying the reason;
 * a timestamp Python cannot hold (``infinity``, years past 9999 or BC) comes back as
   ``datetime.max`` or ``datetime.min`` (UTC) instead of raising ``DataError``.
 
 :func:`install` applies the lenient forms to every connection the process opens;
 :func:`guard_payloads` makes one connection (the dispatcher's) use :func:`payload_loads`, which
-also refuses a value past the payload limits of :mod:`reactor.policy` (a row written before the SQL
+also refuses a value past the payload limits of :mod:`reactor.core.policy` (a row written before the SQL
 contract refused such payloads at INSERT).
 """
 
@@ -27,8 +27,8 @@ from psycopg.adapt import AdaptersMap, Buffer
 from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 from psycopg.types.json import set_json_loads
 
-from reactor.models import Undecodable
-from reactor.policy import MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH, nested_deeper_than
+from reactor.core.models import Undecodable
+from reactor.core.policy import MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH, nested_deeper_than
 
 __all__ = ["guard_payloads", "install", "lenient_loads", "payload_loads"]
 

@@ -8,7 +8,7 @@ socket (a leading ``@`` means the abstract namespace), and, with ``WatchdogSec=`
   the feed are up: the feed's port is checked to answer first;
 * ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2`` from a task of the event loop, while the LISTEN
   connection is up or has been down for less than ``listener_grace_s`` (120 s), and so is every
-  required part of the service (reactor/supervise.py restarts a failed one). A wedged event loop
+  required part of the service (reactor/engine/supervise.py restarts a failed one). A wedged event loop
   sends nothing by construction, and a listener or a part that cannot come back stops the pings too:
   systemd kills the reactor (SIGABRT) and ``Restart=on-failure`` starts a fresh one;
 * ``STOPPING=1`` when SIGTERM starts the drain;

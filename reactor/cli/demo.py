@@ -23,13 +23,13 @@ import anyio
 import jwt
 import psycopg
 
-from reactor.auth import AuthSettings
-from reactor.devorch import OrchestratorDouble
-from reactor.embedded import EmbeddedPostgres, default_data_dir
-from reactor.errors import MigrationError
-from reactor.feed import FeedSettings
-from reactor.migrations import migrate_up
+from reactor.core.errors import MigrationError
+from reactor.db.embedded import EmbeddedPostgres, default_data_dir
+from reactor.db.migrations import migrate_up
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import FeedSettings
 
 __all__ = ["run", "sample_job"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from reactor.models import ClaimedJob, RenderRequest, Undecodable
+from reactor.core.models import ClaimedJob, RenderRequest, Undecodable
 
 __all__ = [
     "DEFAULT_RENDER_OPTIONS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from reactor.errors import ConfigError
+from reactor.core.errors import ConfigError
 
 __all__ = ["resolve_dsn"]
 

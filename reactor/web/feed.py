@@ -65,14 +65,14 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 
-from reactor import dashboard
-from reactor.auth import Authenticator, AuthError, AuthSettings, Principal, load_jwks
-from reactor.db import TRANSIENT_ERRORS, connect_kwargs
-from reactor.errors import ConfigError
-from reactor.listener import Notice
-from reactor.logs import add_secret, dsn_secrets, redact
-from reactor.metrics import CONTENT_TYPE, Metrics
-from reactor.sqlfiles import load_queries
+from reactor.core.errors import ConfigError
+from reactor.core.logs import add_secret, dsn_secrets, redact
+from reactor.db.sqlfiles import load_queries
+from reactor.db.store import TRANSIENT_ERRORS, connect_kwargs
+from reactor.engine.listener import Notice
+from reactor.web import dashboard
+from reactor.web.auth import Authenticator, AuthError, AuthSettings, Principal, load_jwks
+from reactor.web.metrics import CONTENT_TYPE, Metrics
 
 __all__ = ["FEED_PATH", "Feed", "FeedSettings", "HttpHandler", "http_response"]
 
@@ -557,18 +557,18 @@ class Feed:
             keys = load_jwks(settings.auth.jwks) if settings.auth.jwks else None
             authenticator = Authenticator(settings.auth, keys)
         self.auth = authenticator
-        # whatever goes wrong, these never reach a log line or an answer (reactor.logs hides them)
+        # whatever goes wrong, these never reach a log line or an answer (reactor.core.logs hides them)
         add_secret(settings.auth.jwt_secret)
         for secret in dsn_secrets(dsn):
             add_secret(secret)
         self._store = _Store(dsn, settings.pool_size)
         self._listener_connected = listener_connected
         self._stopping = stopping
-        self._parts = parts  # (every required part runs, each part's state): reactor/supervise.py
+        self._parts = parts  # (every required part runs, each part's state): reactor/engine/supervise.py
         self.routes: dict[str, HttpHandler] = {
             "/livez": self._livez, "/readyz": self._readyz, "/metrics": self._metrics,
         }
-        # the admin dashboard: its page at /, and its requests on the feed (reactor/dashboard.py)
+        # the admin dashboard: its page at /, and its requests on the feed (reactor/web/dashboard.py)
         self.routes.update(dashboard.static_routes())
         self._requests = dashboard.Requests(dsn, self._store.pool)
         self.port: int | None = None
@@ -852,7 +852,7 @@ class Feed:
 
     async def _reader(self, c: _Client) -> None:
         """What a client may send after authenticating: a fresh token for the same identity, or one of
-        the dashboard's requests (``job``, ``status``, ``action``; answered by reactor/dashboard.py),
+        the dashboard's requests (``job``, ``status``, ``action``; answered by reactor/web/dashboard.py),
         ``request_rate`` a second (bursts of ``request_burst``)."""
         try:
             async for raw in c.ws:

@@ -53,7 +53,7 @@ How the outcome of a render is chosen (first match wins)
    from a ``random.Random(seed)``; the default mix is ``{"ok": 1}``.
 
 Use it from Python (``async with OrchestratorDouble(latency_ms=50) as orch: orch.url``) or run
-it: ``python -m reactor.devorch --port 8700 --latency-ms 200 --mix ok=90,status:500=5,hang=5``.
+it: ``python -m reactor.testing.orchestrator --port 8700 --latency-ms 200 --mix ok=90,status:500=5,hang=5``.
 """
 
 from __future__ import annotations
@@ -943,7 +943,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(
-        prog="python -m reactor.devorch",
+        prog="python -m reactor.testing.orchestrator",
         description="Run the orchestrator double (a test double of the Video Orchestrator API).",
     )
     add_arguments(_parser)

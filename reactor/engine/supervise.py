@@ -49,7 +49,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
-from reactor.errors import PartFailed
+from reactor.core.errors import PartFailed
 
 __all__ = [
     "Part",

@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from reactor.errors import MigrationError
-from reactor.sqlfiles import sql_dir
+from reactor.core.errors import MigrationError
+from reactor.db.sqlfiles import sql_dir
 
 __all__ = [
     "OPTIONAL_VERSIONS",
