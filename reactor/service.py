@@ -25,14 +25,17 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import Counter
 
+from reactor.core.notice import Notice
 from reactor.db.store import TRANSIENT_ERRORS, Database
 from reactor.engine.dispatcher import Dispatcher, DispatchSettings
-from reactor.engine.listener import Listener, Notice
+from reactor.engine.listener import Listener
 from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
+from reactor.ops.actions import RunbookActions
 from reactor.ops.alerts import ALERTS as ALERT_NAMES
 from reactor.ops.alerts import Alerts, AlertSettings
 from reactor.ops.systemd import Notifier, Supervisor, describe
 from reactor.render.client import RenderClient
+from reactor.web.dashboard import Dashboard
 from reactor.web.feed import Feed, FeedSettings
 from reactor.web.metrics import Metrics
 
@@ -122,10 +125,14 @@ class Service:
         self.swept_total = 0
 
     def _new_feed(self, settings: FeedSettings, old: Feed | None = None) -> Feed:
-        return Feed(settings, self.settings.dsn, metrics=self.metrics,
+        feed = Feed(settings, self.settings.dsn, metrics=self.metrics,
                     authenticator=old.auth if old is not None else None,
                     listener_connected=lambda: self.listener.connected,
                     stopping=lambda: self.stopping, parts=self.parts.report)
+        # the admin dashboard: its page at /, its requests on the feed (reads through the feed's pool),
+        # the runbook's actions for its admins (the web layer does not import ops: they are given here)
+        feed.plug(Dashboard(feed.store, RunbookActions(self.settings.dsn)))
+        return feed
 
     async def _run_feed(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         assert self.feed is not None

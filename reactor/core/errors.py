@@ -5,6 +5,8 @@ Every error the reactor raises on purpose derives from :class:`ReactorError`::
     ReactorError
     ├── ConfigError            a setting is missing or invalid
     ├── DatabaseError          the database refused or could not be reached
+    │   ├── DatabaseUnavailable  it could not be reached or did not answer: worth trying again
+    │   │   └── DatabaseTimeout  no connection or no answer in time
     │   ├── MigrationError     the schema cannot be brought to the wanted version
     │   └── StatementRefused   the database refused a statement: the same one would fail again
     ├── EmbeddedPostgresError  the private PostgreSQL could not be set up or started
@@ -17,6 +19,8 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DatabaseError",
+    "DatabaseTimeout",
+    "DatabaseUnavailable",
     "EmbeddedPostgresError",
     "MigrationError",
     "PartFailed",
@@ -36,6 +40,15 @@ class ConfigError(ReactorError):
 
 class DatabaseError(ReactorError):
     """The database refused a request or could not be reached."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached, dropped the connection, or asked to try again (a deadlock,
+    a serialization failure, a shutdown): the same statement may succeed later."""
+
+
+class DatabaseTimeout(DatabaseUnavailable):
+    """No connection could be had, or no answer came, in time."""
 
 
 class MigrationError(DatabaseError):

@@ -28,9 +28,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from reactor.core.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
 from reactor.core.errors import RenderError, StatementRefused
 from reactor.core.models import ClaimedJob, Outcome, RenderRequest, RenderResult
+from reactor.core.notice import Notice
 from reactor.core.policy import InvalidPayload, build_request, decide_failure
 from reactor.db.store import TRANSIENT_ERRORS
-from reactor.engine.listener import Notice
 
 __all__ = ["DispatchSettings", "Dispatcher", "JobStore", "Reaction", "RenderFn", "notice_reaction"]
 

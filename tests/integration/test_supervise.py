@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from reactor.engine.listener import Notice
+from reactor.core.notice import Notice
 from reactor.engine.supervise import PartFailed, RestartPolicy, describe_error
 from reactor.service import Service, ServiceSettings
 from reactor.testing.orchestrator import OrchestratorDouble
@@ -184,14 +184,14 @@ async def test_a_failed_feed_is_restarted_on_the_same_port(dsn: str, db: Conn) -
         assert old is not None and old.port is not None
         port = old.port
         # the feed's pump raises on its next read of the events
-        rows = old._store.rows
+        rows = old.store.rows
 
         async def events_fail(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
             if name == "feed_events":
                 raise RuntimeError("injected: the pump broke")
             return await rows(name, *args, **kwargs)
 
-        old._store.rows = events_fail  # type: ignore[method-assign]
+        old.store.rows = events_fail  # type: ignore[method-assign]
         insert(db)  # a notification wakes the pump
         await until(lambda: svc.parts.restarts("feed") == 1 and svc.parts.states()["feed"] == "running",
                     "the feed to be restarted", timeout=PATIENCE_S)

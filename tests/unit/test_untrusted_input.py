@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from reactor.core.errors import RenderError
 from reactor.core.models import ClaimedJob, RenderRequest, RenderResult, Undecodable
+from reactor.core.notice import Notice, parse_notice
 from reactor.core.policy import MAX_PAYLOAD_DEPTH, InvalidPayload, build_request, nested_deeper_than
 from reactor.db.pgtypes import lenient_loads, payload_loads
 from reactor.db.store import sanitize_json
 from reactor.engine.dispatcher import Reaction, notice_reaction
-from reactor.engine.listener import Notice, parse_notice
 from reactor.render.client import _read_answer
 
 ACTOR = "reactor:me"
