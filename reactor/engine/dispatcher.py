@@ -7,7 +7,9 @@ own ``max_inflight`` allow, in one statement, and renders each in its own task. 
 written back in batches by one writer task, each checked against the lease, so an attempt whose
 job was taken over (lease expired) or cancelled cannot overwrite anything.
 
-It imports neither the HTTP client nor the feed: the render call is injected.
+It imports neither the HTTP client nor the feed: the render call is injected. Its decisions are pure
+functions (reactor/engine/decisions.py); leases are kept by reactor/engine/leases.py, the circuit
+breaker's probes and state by reactor/engine/circuit_watch.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -25,22 +27,19 @@ from uuid import UUID
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from reactor.core.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
-from reactor.core.errors import RenderError, StatementRefused
-from reactor.core.models import ClaimedJob, Outcome, RenderRequest, RenderResult
+from reactor.core.circuit import HALF_OPEN, CircuitBreaker, Transition
+from reactor.core.errors import StatementRefused
+from reactor.core.models import ClaimedJob, Outcome
 from reactor.core.notice import Notice
-from reactor.core.policy import InvalidPayload, build_request, decide_failure
 from reactor.db.store import TRANSIENT_ERRORS
+from reactor.engine.attempt import RenderFn, attempt
+from reactor.engine.circuit_watch import CircuitWatch, ProbeFn
+from reactor.engine.decisions import DispatchSettings, claim_room, notice_reaction
+from reactor.engine.leases import Held, Leases
 
-__all__ = ["DispatchSettings", "Dispatcher", "JobStore", "Reaction", "RenderFn", "notice_reaction"]
+__all__ = ["DispatchSettings", "DispatchStats", "Dispatcher", "JobStore", "RenderFn"]
 
 logger = logging.getLogger(__name__)
-
-RenderFn = Callable[[RenderRequest, float], Awaitable[RenderResult]]
-ProbeFn = Callable[[], Awaitable[bool]]
-
-#: answers that mean "the render farm is down or overloaded", not "this job is bad"
-OUTAGE_STATUSES = frozenset({502, 503})
 
 
 class JobStore(Protocol):
@@ -56,73 +55,6 @@ class JobStore(Protocol):
     async def next_wakeups(self) -> dict[str, Any]: ...
     async def release_strays(self, known: set[UUID], free_requeues: int, reason: str) -> list[dict[str, Any]]: ...
     async def set_circuit(self, state: str, since: datetime | None) -> None: ...
-
-
-@dataclass(frozen=True)
-class DispatchSettings:
-    max_inflight: int = 32
-    lease_s: float = 15.0
-    renew_every_s: float = 5.0
-    drain_grace_s: float = 30.0
-    backoff_base_s: float = 2.0
-    backoff_cap_s: float = 300.0
-    #: the render deadline is job_timeout_minutes; this caps it (tests use seconds)
-    max_render_timeout_s: float | None = None
-    #: consecutive outage failures (refused, reset, connect timeout, 502, 503) that open the circuit
-    circuit_threshold: int = 5
-    probe_base_s: float = 1.0
-    probe_cap_s: float = 30.0
-    #: attempts a job may be put back without spending a retry (outages, stops) before its own
-    #: retry rules apply again: a job that breaks the connection every time cannot loop forever
-    free_requeues: int = 10
-    #: while renders are in flight, an outcome waits this long for others to share its round trip.
-    #: Off by default: outcomes that arrive while a round trip is in flight share the next one anyway,
-    #: and a window only adds latency (bench/reactor_bench.py throughput, three runs each: 2 ms 795-827
-    #: jobs/s, none 873-1083)
-    batch_window_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Reaction:
-    """What a notification asks of the dispatcher."""
-
-    claim: bool = False  # something may be claimable now
-    due_dirty: bool = False  # re-read the next due time (and whether dispatch is paused)
-    check_lost: bool = False  # a job we render may have been taken from us: check which we still hold
-
-
-def notice_reaction(notice: Notice, actor: str, inflight: Collection[UUID]) -> Reaction:
-    """The dispatcher's reaction to a notification: a pure function of it, our actor and the jobs
-    we render (``reactor_events`` and ``reactor_config``; the other channels are the feed's)."""
-    if notice.channel == "reactor_config":
-        return Reaction(claim=True, due_dirty=True)  # limits changed (paused?): re-read with the due time
-    if notice.channel != "reactor_events":
-        return Reaction()
-    if notice.truncated:
-        return Reaction(claim=True)
-    if notice.actor == actor:
-        return Reaction()  # our own claim or outcome: already accounted for
-    if notice.n == 1:
-        return Reaction(
-            # a job we render was changed by someone else (cancelled, rescued): check which attempt
-            # holds it now, and abort ours if it is no longer ours
-            check_lost=notice.job_id in inflight and notice.old_status == "processing",
-            due_dirty=notice.kind == "retrying",
-            claim=notice.status == "queued" or notice.old_status == "processing",
-        )
-    return Reaction(
-        check_lost=notice.cancelled > 0 and len(inflight) > 0,
-        due_dirty=notice.queued > 0,
-        claim=notice.queued > 0 or notice.finished > 0,
-    )
-
-
-@dataclass
-class _Inflight:
-    job: ClaimedJob
-    scope: anyio.CancelScope
-    started: float
-    reason: str | None = None  # why it was cancelled: cancelled | lost | drain
 
 
 @dataclass
@@ -155,17 +87,16 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.on_outcome = on_outcome
         self.actor = f"reactor:{store.reactor_id}"
-        self.probe = probe
         self.circuit = CircuitBreaker(
             threshold=self.settings.circuit_threshold, probe_base_s=self.settings.probe_base_s,
             probe_cap_s=self.settings.probe_cap_s, rng=self.rng,
         )
-        self.on_transition: Callable[[Transition], None] | None = None
-        self._circuit_wake = anyio.Event()
-        self._circuit_since: datetime | None = None
-        self._circuit_published: tuple[str, datetime | None] | None = None
+        self.inflight: dict[UUID, Held] = {}
+        self._circuit = CircuitWatch(self.circuit, store, probe, inflight=lambda: len(self.inflight),
+                                     want_claim=self._want_claim)
+        self._leases = Leases(store, self.inflight, self._abort, lease_s=self.settings.lease_s,
+                              renew_every_s=self.settings.renew_every_s)
         self.stats = DispatchStats()
-        self.inflight: dict[UUID, _Inflight] = {}
         self.claiming = True  # False while draining
         self._wake = anyio.Event()
         self._next_due: float | None = None  # monotonic time of the next delayed retry we know of
@@ -183,6 +114,24 @@ class Dispatcher:
         self._refusals = 0  # claims refused in a row by the database (not an outage)
         self._stopped = anyio.Event()  # set when claiming stops (drain, abort)
         self._runs = 0  # how often run() started (more than once: restarted after a failure)
+
+    @property
+    def probe(self) -> ProbeFn | None:
+        """``GET /health`` of the orchestrator, tried while the circuit is open."""
+        return self._circuit.probe
+
+    @probe.setter
+    def probe(self, probe: ProbeFn | None) -> None:
+        self._circuit.probe = probe
+
+    @property
+    def on_transition(self) -> Callable[[Transition], None] | None:
+        """Called with each transition of the circuit."""
+        return self._circuit.on_transition
+
+    @on_transition.setter
+    def on_transition(self, hook: Callable[[Transition], None] | None) -> None:
+        self._circuit.on_transition = hook
 
     # -- wake-ups ---------------------------------------------------------------------------------
 
@@ -232,8 +181,8 @@ class Dispatcher:
         self._runs += 1
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._lease_loop)
-            tg.start_soon(self._circuit_loop)
+            tg.start_soon(self._leases.run)
+            tg.start_soon(self._circuit.run)
             task_status.started()
             try:
                 await self._loop()
@@ -256,7 +205,7 @@ class Dispatcher:
                 self._want_claim()
             if self._check_lost:
                 self._check_lost = False
-                await self._reconcile()
+                await self._leases.reconcile()
             if self._due_dirty and self.claiming:
                 await self._refresh_due()
             batch, self._outbox = self._outbox, []
@@ -278,11 +227,8 @@ class Dispatcher:
             self._maybe_idle()
 
     def _room(self) -> int:
-        if not self.claiming or self.paused:
-            return 0
-        room = max(0, self.settings.max_inflight - len(self.inflight))
-        budget = self.circuit.claim_budget()
-        return room if budget is None else min(room, budget)
+        return claim_room(claiming=self.claiming, paused=self.paused, max_inflight=self.settings.max_inflight,
+                          inflight=len(self.inflight), budget=self.circuit.claim_budget())
 
     def _sleep_for(self) -> float:
         if self._next_due is None:
@@ -402,7 +348,7 @@ class Dispatcher:
         if stale is not None:
             # we hold an older attempt of this job (its claim was undone meanwhile): it is not ours
             self._abort(stale, "lost")
-        entry = _Inflight(job, anyio.CancelScope(), time.monotonic())
+        entry = Held(job, anyio.CancelScope(), time.monotonic())
         self.inflight[job.id] = entry
         logger.info(
             "job started",
@@ -413,13 +359,13 @@ class Dispatcher:
 
     # -- one job ----------------------------------------------------------------------------------
 
-    async def _run_job(self, entry: _Inflight) -> None:
+    async def _run_job(self, entry: Held) -> None:
         job = entry.job
         outcome: Outcome | None = None
         try:
             with entry.scope:
                 try:
-                    outcome = await self._attempt(job)
+                    outcome = await attempt(job, self.render, self.settings, self.circuit, self._circuit, self.rng)
                 except Exception as exc:  # whatever went wrong with this job stays with this job
                     logger.exception("job %s failed unexpectedly", job.id)
                     outcome = Outcome(
@@ -448,118 +394,7 @@ class Dispatcher:
             self._maybe_idle()
             self._want_claim()  # room was freed
 
-    async def _attempt(self, job: ClaimedJob) -> Outcome:
-        try:
-            request = build_request(job)
-        except InvalidPayload as exc:
-            return self._failure(job, RenderError("INVALID_INPUT", str(exc)))
-        except Exception as exc:  # a bug here must fail this job alone
-            logger.exception("the request for job %s could not be built", job.id)
-            return self._failure(job, RenderError("INVALID_INPUT", f"the request could not be built: {exc!r}"[:500]))
-        timeout = job.timeout_minutes * 60.0
-        if self.settings.max_render_timeout_s is not None:
-            timeout = min(timeout, self.settings.max_render_timeout_s)
-        try:
-            result = await self.render(request, timeout)
-        except RenderError as exc:
-            if exc.transport or exc.status_code in OUTAGE_STATUSES:
-                self._transition(self.circuit.on_outage_failure(time.monotonic()))
-                if job.attempt - 1 - job.retry_count < self.settings.free_requeues:
-                    return self._outage_requeue(job, exc)
-            elif exc.status_code is not None or exc.category == "UNKNOWN":
-                # the orchestrator answered: whatever is wrong is about this job, not the farm
-                self._transition(self.circuit.on_success(time.monotonic()))
-            return self._failure(job, exc)
-        except Exception as exc:  # a bug or an unexpected library error must not stop the reactor
-            logger.exception("render of job %s failed unexpectedly", job.id)
-            return self._failure(job, RenderError("UNKNOWN", f"unexpected error: {exc!r}"[:500]))
-        self._transition(self.circuit.on_success(time.monotonic()))
-        return Outcome(job.id, job.attempt, "completed", job.retry_count, result=result.to_json())
-
-    def _outage_requeue(self, job: ClaimedJob, err: RenderError) -> Outcome:
-        """Back to the queue without spending a retry: the render farm failed, not the job."""
-        delay = 0.0 if self.circuit.is_outage() else min(
-            self.settings.backoff_cap_s, self.settings.backoff_base_s * (1 + self.rng.random()))
-        if err.retry_after is not None:
-            delay = max(delay, err.retry_after)  # the orchestrator asked for it
-        details: dict[str, Any] = {
-            "at": datetime.now(UTC).isoformat(), "attempt": job.attempt, "outage": True,
-            "circuit": self.circuit.state,
-        }
-        if err.status_code is not None:
-            details["status_code"] = err.status_code
-        if err.body is not None:
-            details["body"] = err.body
-        return Outcome(
-            job.id, job.attempt, "queued", job.retry_count, delay_seconds=delay,
-            error_category=err.category,
-            error_message=f"{err.message} (render farm unreachable: put back without spending a retry)",
-            error_details=details,
-        )
-
-    # -- circuit breaker ----------------------------------------------------------------------------
-
-    def _transition(self, t: Transition | None) -> None:
-        if t is None:
-            return
-        level = logging.INFO if t.new == CLOSED else logging.WARNING
-        logger.log(level, "circuit %s -> %s: %s", t.old, t.new, t.reason,
-                   extra={"circuit": t.new, "inflight": len(self.inflight)})
-        if t.new == OPEN and t.old == CLOSED:
-            self._circuit_since = datetime.now(UTC)
-        elif t.new == CLOSED:
-            self._circuit_since = None
-        if self.on_transition is not None:
-            self.on_transition(t)
-        self._circuit_wake.set()
-        if t.new in (CLOSED, HALF_OPEN):
-            self._want_claim()  # notifications did not stop meanwhile: re-read the queue now
-
-    async def _circuit_loop(self) -> None:
-        """Probe /health while open; publish the circuit state for `reactor status` and the feed."""
-        while True:
-            state = (self.circuit.state, self._circuit_since)
-            if state != self._circuit_published:
-                try:
-                    await self.store.set_circuit(*state)
-                    self._circuit_published = state
-                except TRANSIENT_ERRORS as exc:
-                    logger.warning("cannot record the circuit state: %s", exc)
-                except Exception:
-                    logger.exception("cannot record the circuit state")
-                    await anyio.sleep(1.0)  # and try again
-            self._circuit_wake = anyio.Event()
-            if self.circuit.state == OPEN and self.circuit.next_probe_at is not None and self.probe:
-                with anyio.move_on_after(max(0.0, self.circuit.next_probe_at - time.monotonic())):
-                    await self._circuit_wake.wait()
-                if self.circuit.state == OPEN and time.monotonic() >= (self.circuit.next_probe_at or 0):
-                    ok = await self.probe()
-                    self._transition(self.circuit.on_probe(ok, time.monotonic()))
-            else:
-                await self._circuit_wake.wait()
-
-    def _failure(self, job: ClaimedJob, err: RenderError) -> Outcome:
-        decision = decide_failure(
-            err.category, job.retry_count, job.max_retries, self.rng,
-            retry_after=err.retry_after, backoff_base=self.settings.backoff_base_s,
-            backoff_cap=self.settings.backoff_cap_s,
-        )
-        details: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "attempt": job.attempt}
-        if err.status_code is not None:
-            details["status_code"] = err.status_code
-        if err.body is not None:
-            details["body"] = err.body
-        if err.retry_after is not None:
-            details["retry_after_s"] = err.retry_after
-        if decision.status == "queued":
-            details["retry_in_s"] = round(decision.delay_seconds, 3)
-        return Outcome(
-            job.id, job.attempt, decision.status, decision.retry_count,
-            delay_seconds=decision.delay_seconds, error_category=err.category,
-            error_message=err.message, error_details=details,
-        )
-
-    def _abort(self, entry: _Inflight, reason: str) -> None:
+    def _abort(self, entry: Held, reason: str) -> None:
         if entry.reason is None:
             entry.reason = reason
         entry.scope.cancel()
@@ -598,51 +433,6 @@ class Dispatcher:
             logger.info("job will be retried: %s", o.error_message, extra=extra)
         else:
             logger.info("job returned to the queue", extra=extra)
-
-    # -- leases -----------------------------------------------------------------------------------
-
-    def _held(self) -> dict[UUID, int]:
-        return {i: e.job.attempt for i, e in self.inflight.items()}
-
-    async def _lease_loop(self) -> None:
-        while True:
-            await anyio.sleep(self.settings.renew_every_s)
-            held = self._held()
-            if not held:
-                continue
-            try:
-                kept = await self.store.renew(held, self.settings.lease_s)
-            except TRANSIENT_ERRORS as exc:
-                logger.warning("cannot renew leases: %s", exc)
-                continue
-            except Exception:
-                logger.exception("cannot renew leases")
-                continue
-            self._drop_lost(held, kept)
-
-    async def _reconcile(self) -> None:
-        held = self._held()
-        if not held:
-            return
-        try:
-            kept = await self.store.still_held(held)
-        except TRANSIENT_ERRORS as exc:
-            logger.warning("cannot check held jobs: %s", exc)
-            return
-        except Exception:
-            logger.exception("cannot check held jobs")
-            return
-        self._drop_lost(held, kept)
-
-    def _drop_lost(self, held: dict[UUID, int], kept: set[UUID]) -> None:
-        for job_id in held.keys() - kept:
-            entry = self.inflight.get(job_id)
-            if entry is not None and entry.job.attempt == held[job_id]:
-                logger.warning(
-                    "job no longer ours (cancelled or rescued); aborting its render",
-                    extra={"job_id": str(job_id), "attempt": entry.job.attempt},
-                )
-                self._abort(entry, "lost")
 
     # -- stopping ---------------------------------------------------------------------------------
 

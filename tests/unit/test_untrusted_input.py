@@ -23,7 +23,7 @@ from reactor.core.notice import Notice, parse_notice
 from reactor.core.policy import MAX_PAYLOAD_DEPTH, InvalidPayload, build_request, nested_deeper_than
 from reactor.db.pgtypes import lenient_loads, payload_loads
 from reactor.db.store import sanitize_json
-from reactor.engine.dispatcher import Reaction, notice_reaction
+from reactor.engine.decisions import Reaction, notice_reaction
 from reactor.render.client import _read_answer
 
 ACTOR = "reactor:me"
