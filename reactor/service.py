@@ -25,8 +25,10 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import Counter
 
+from reactor.core.errors import DatabaseUnavailable
 from reactor.core.notice import Notice
-from reactor.db.store import TRANSIENT_ERRORS, Database
+from reactor.db.alerts import AlertStore
+from reactor.db.store import Database
 from reactor.engine.dispatcher import Dispatcher, DispatchSettings
 from reactor.engine.listener import Listener
 from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
@@ -107,7 +109,7 @@ class Service:
             self.feed = self._new_feed(settings.feed)
         self.alerts: Alerts | None = None
         if settings.alerts.enabled:
-            self.alerts = Alerts(settings.alerts, self.db.pool, settings.reactor_id,
+            self.alerts = Alerts(settings.alerts, AlertStore(self.db.pool), settings.reactor_id,
                                  local_circuit=lambda: self.dispatcher.circuit.state,
                                  listener_connected=lambda: self.listener.connected)
         if self.alerts is not None:
@@ -244,7 +246,7 @@ class Service:
         try:
             with anyio.fail_after(5):
                 await self.db.unregister()
-        except (TimeoutError, *TRANSIENT_ERRORS) as exc:  # type: ignore[misc]
+        except (TimeoutError, DatabaseUnavailable) as exc:
             logger.warning("could not unregister: %s", exc)
         await self.render_client.aclose()
         await self.db.close()
@@ -273,7 +275,7 @@ class Service:
             self._sweep_wake = anyio.Event()
             try:
                 swept, wakeups = await self.db.sweep(s.timeout_grace_s, s.orphan_after_s)
-            except TRANSIENT_ERRORS as exc:
+            except DatabaseUnavailable as exc:
                 logger.warning("sweep failed: %s", exc)
                 swept, wakeups = [], {}
                 next_at = time.monotonic() + min(5.0, s.sweep_every_s)

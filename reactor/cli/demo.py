@@ -20,12 +20,13 @@ from typing import Any
 from uuid import UUID
 
 import anyio
+import anyio.to_thread
 import jwt
-import psycopg
 
 from reactor.core.errors import MigrationError
 from reactor.db.embedded import EmbeddedPostgres, default_data_dir
 from reactor.db.migrations import migrate_up
+from reactor.db.session import Session
 from reactor.service import Service, ServiceSettings
 from reactor.testing.orchestrator import OrchestratorDouble
 from reactor.web.auth import AuthSettings
@@ -72,20 +73,16 @@ def sample_job(rng: random.Random, today: date) -> tuple[str, str, dict[str, Any
 
 async def _submit(dsn: str, rate: float, stop: anyio.Event) -> None:
     rng = random.Random()
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    with await anyio.to_thread.run_sync(lambda: Session.connect(dsn, application_name=None)) as conn:
         while not stop.is_set():
             job_type, priority, payload = sample_job(rng, datetime.now(UTC).date())
-            cur = await conn.execute(
-                "INSERT INTO jobs (job_type, priority, payload) VALUES (%s, %s, %s) "
-                "RETURNING id, queue_position",
-                (job_type, priority, json.dumps(payload)),
-            )
-            row = await cur.fetchone()
+            params = {"job_type": job_type, "priority": priority, "payload": json.dumps(payload)}
+            row = await anyio.to_thread.run_sync(conn.one, "demo_submit", params)
             if row:
                 logger.info(
                     "sample job submitted",
-                    extra={"job_id": str(row[0]), "job_type": job_type, "priority": priority,
-                           "queue_position": row[1]},
+                    extra={"job_id": str(row["id"]), "job_type": job_type, "priority": priority,
+                           "queue_position": row["queue_position"]},
                 )
             with anyio.move_on_after(rng.expovariate(rate) if rate > 0 else 1.0):
                 await stop.wait()
@@ -140,17 +137,14 @@ async def _main(args: argparse.Namespace) -> None:
                 service.request_stop()
 
             tg.start_soon(_until_stopped)
-        with psycopg.connect(dsn) as conn:
-            cur = conn.execute(
-                "SELECT queued, processing, completed, failed, round(avg_wait_seconds::numeric, 3) "
-                "FROM get_queue_stats()"
-            )
-            row = cur.fetchone()
+        with Session.connect(dsn, application_name=None) as conn:
+            row = conn.one("demo_summary")
         server.stop()
         if row:
             print(  # noqa: T201
-                f"\nqueue now: queued={row[0]} processing={row[1]} completed={row[2]} failed={row[3]} "
-                f"avg_wait_s={row[4]}\nthe data is kept in {server.base_dir}; "
+                f"\nqueue now: queued={row['queued']} processing={row['processing']} "
+                f"completed={row['completed']} failed={row['failed']} "
+                f"avg_wait_s={row['avg_wait_s']}\nthe data is kept in {server.base_dir}; "
                 "`reactor run --orchestrator-url URL` without --dsn starts it again\n",
                 flush=True,
             )

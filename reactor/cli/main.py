@@ -176,7 +176,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     dsn = _dsn_or_embedded(args.dsn)
     if not args.allow_pooler_port:
         from reactor.core.errors import ConfigError
-        from reactor.ops.runbook import transaction_pooler_reason
+        from reactor.ops.checks import transaction_pooler_reason
 
         reason = transaction_pooler_reason(dsn)
         if reason is not None:
@@ -557,7 +557,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     import os
 
-    from reactor.ops.runbook import check
+    from reactor.ops.checks import check
 
     url = args.orchestrator_url or os.environ.get("REACTOR_ORCHESTRATOR_URL") or None
     results = check(resolve_dsn(args.dsn), orchestrator_url=url, listen_timeout_s=args.listen_timeout)

@@ -8,6 +8,7 @@ Every error the reactor raises on purpose derives from :class:`ReactorError`::
     │   ├── DatabaseUnavailable  it could not be reached or did not answer: worth trying again
     │   │   └── DatabaseTimeout  no connection or no answer in time
     │   ├── MigrationError     the schema cannot be brought to the wanted version
+    │   ├── SchemaMissing      a table the reactor needs is not there: run `reactor migrate`
     │   └── StatementRefused   the database refused a statement: the same one would fail again
     ├── EmbeddedPostgresError  the private PostgreSQL could not be set up or started
     ├── PartFailed             a part of the reactor failed too often to be restarted
@@ -26,6 +27,7 @@ __all__ = [
     "PartFailed",
     "ReactorError",
     "RenderError",
+    "SchemaMissing",
     "StatementRefused",
 ]
 
@@ -53,6 +55,10 @@ class DatabaseTimeout(DatabaseUnavailable):
 
 class MigrationError(DatabaseError):
     """The schema cannot be brought to the wanted version."""
+
+
+class SchemaMissing(DatabaseError):
+    """A table the reactor needs is not there (a migration is not applied): run ``reactor migrate``."""
 
 
 class StatementRefused(DatabaseError):

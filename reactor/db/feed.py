@@ -1,25 +1,22 @@
 """The feed's own small pool, so that feed reads never queue behind (or ahead of) claims.
 
 Named queries of ``sql/feed.sql``, read-only. Rows come back as dicts; every psycopg error leaves
-as a :class:`~reactor.core.errors.DatabaseError` (``DatabaseUnavailable`` for an outage,
-``DatabaseTimeout`` when no connection was free in time).
+as a :class:`~reactor.core.errors.DatabaseError` (reactor.db.store.database_errors).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
 import anyio
-import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from reactor.core.errors import DatabaseError, DatabaseTimeout, DatabaseUnavailable
+from reactor.core.errors import DatabaseError
 from reactor.db.sqlfiles import load_queries
-from reactor.db.store import TRANSIENT_ERRORS, connect_kwargs
+from reactor.db.store import connect_kwargs, database_errors
 
 __all__ = ["FeedStore"]
 
@@ -43,18 +40,6 @@ _STATUS_SQL = {
 }
 
 
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except PoolTimeout as exc:
-        raise DatabaseTimeout(str(exc)) from exc
-    except TRANSIENT_ERRORS as exc:
-        raise DatabaseUnavailable(str(exc)) from exc
-    except psycopg.Error as exc:
-        raise DatabaseError(str(exc)) from exc
-
-
 class FeedStore:
     """The feed's pool and its named queries."""
 
@@ -67,7 +52,7 @@ class FeedStore:
         )
 
     async def open(self) -> None:
-        with _errors():
+        with database_errors():
             await self.pool.open(wait=True, timeout=30)
 
     async def close(self) -> None:
@@ -75,7 +60,7 @@ class FeedStore:
 
     async def rows(self, name: str, params: Mapping[str, Any] | None = None,
                    wait_s: float = 30.0) -> list[dict[str, Any]]:
-        with _errors():
+        with database_errors():
             async with self.pool.connection(timeout=wait_s) as conn, conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(self._q[name], params or {})
                 return await cur.fetchall()
@@ -83,7 +68,7 @@ class FeedStore:
     async def snapshot(self, user_id: UUID | None, jobs: int, queue: int) -> dict[str, Any]:
         """Stats, recent jobs and the queue's head (or a user's own jobs), as of one seq: ``seq``,
         ``stats`` (None for a user), ``jobs`` and ``queue`` (rows)."""
-        with _errors():
+        with database_errors():
             async with self.pool.connection() as conn, conn.transaction(), \
                     conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -111,7 +96,7 @@ class FeedStore:
                         wait_s: float) -> dict[str, list[dict[str, Any]]]:
         """Several reads in one read-only transaction (the dashboard's requests)."""
         out: dict[str, list[dict[str, Any]]] = {}
-        with _errors():
+        with database_errors():
             async with self.pool.connection(timeout=wait_s) as conn, conn.transaction(), \
                     conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute("SET TRANSACTION READ ONLY")

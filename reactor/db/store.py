@@ -1,41 +1,64 @@
-"""Database access for the service: a connection pool and the named queries of sql/queries.sql."""
+"""Database access for the service: a connection pool and the named queries of sql/queries.sql.
+
+Callers get reactor errors, never psycopg's: :func:`database_errors` turns an outage (a lost
+connection, a deadlock, a serialization failure, a shutdown) into
+:class:`~reactor.core.errors.DatabaseUnavailable` (``DatabaseTimeout`` when no connection was free
+in time), anything else the database refuses into :class:`~reactor.core.errors.StatementRefused`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from reactor import __version__
-from reactor.core.errors import DatabaseError, StatementRefused
+from reactor.core.errors import DatabaseError, DatabaseTimeout, DatabaseUnavailable, StatementRefused
 from reactor.core.models import ClaimedJob, Outcome
 from reactor.db import pgtypes
 from reactor.db.sqlfiles import load_queries
 
-__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "one_line", "sanitize_json"]
+__all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "database_errors", "one_line", "sanitize_json"]
 
 logger = logging.getLogger(__name__)
 
 # rows are user input: no value read from the database may raise while a result is fetched
 pgtypes.install()
 
-#: errors after which the same statement may simply be tried again
+#: errors after which the same statement may simply be tried again (for this layer only: callers
+#: catch DatabaseUnavailable)
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
     psycopg.errors.DeadlockDetected,
     psycopg.errors.SerializationFailure,
     psycopg.errors.AdminShutdown,
 )
+
+
+@contextlib.contextmanager
+def database_errors(what: str = "") -> Iterator[None]:
+    """psycopg's errors out of the block as the reactor's: ``DatabaseTimeout`` (no connection free in
+    time), ``DatabaseUnavailable`` (an outage: worth trying again), else ``StatementRefused``
+    (``what`` refused: the same statement would fail again). The message is psycopg's."""
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise DatabaseTimeout(str(exc)) from exc
+    except TRANSIENT_ERRORS as exc:
+        raise DatabaseUnavailable(str(exc)) from exc
+    except psycopg.Error as exc:
+        raise StatementRefused(f"the database refused {what}: {one_line(exc)}" if what else str(exc)) from exc
 
 
 def connect_kwargs() -> dict[str, Any]:
@@ -95,8 +118,9 @@ class Database:
             return await cur.fetchall() if cur.description else []
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
-            return await self._fetch(conn, name, params)
+        with database_errors():
+            async with self.pool.connection() as conn:
+                return await self._fetch(conn, name, params)
 
     async def _dispatch_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """``_rows`` on the dispatcher's own connection, (re)opened when it is missing or unusable.
@@ -110,16 +134,19 @@ class Database:
             conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         ):
             self._dispatch_conn = None
-            if conn is not None:
-                await conn.close()
-            conn = await psycopg.AsyncConnection.connect(self.dsn, **connect_kwargs())
-            pgtypes.guard_payloads(conn)  # a payload past the limits reads as Undecodable
-            await self._configure(conn)
+            try:
+                if conn is not None:
+                    await conn.close()
+                conn = await psycopg.AsyncConnection.connect(self.dsn, **connect_kwargs())
+                pgtypes.guard_payloads(conn)  # a payload past the limits reads as Undecodable
+                await self._configure(conn)
+            except TRANSIENT_ERRORS as exc:
+                raise DatabaseUnavailable(str(exc)) from exc
             self._dispatch_conn = conn
         try:
             return await self._fetch(conn, name, params)
-        except TRANSIENT_ERRORS:
-            raise
+        except TRANSIENT_ERRORS as exc:
+            raise DatabaseUnavailable(str(exc)) from exc
         except psycopg.Error as exc:
             raise StatementRefused(f"the database refused {name}: {one_line(exc)}") from exc
 
@@ -192,6 +219,11 @@ class Database:
     async def sweep(self, grace_s: float, orphan_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Requeue what died, prune old events, say we are alive, and read when to look next:
         one transaction. Returns (jobs swept, next wake-up times)."""
+        with database_errors():
+            swept, wakeups = await self._sweep(grace_s, orphan_s)
+        return swept, wakeups
+
+    async def _sweep(self, grace_s: float, orphan_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         async with self.pool.connection() as conn:
             async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
                 # the sweep's own actor: its changes are nobody's outcome, and its NOTIFY must wake

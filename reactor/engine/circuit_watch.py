@@ -18,7 +18,7 @@ from typing import Protocol
 import anyio
 
 from reactor.core.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Transition
-from reactor.db.store import TRANSIENT_ERRORS
+from reactor.core.errors import DatabaseUnavailable
 
 __all__ = ["CircuitStore", "CircuitWatch", "ProbeFn"]
 
@@ -72,7 +72,7 @@ class CircuitWatch:
                 try:
                     await self.store.set_circuit(*state)
                     self._published = state
-                except TRANSIENT_ERRORS as exc:
+                except DatabaseUnavailable as exc:
                     logger.warning("cannot record the circuit state: %s", exc)
                 except Exception:
                     logger.exception("cannot record the circuit state")

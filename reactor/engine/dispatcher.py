@@ -28,10 +28,9 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from reactor.core.circuit import HALF_OPEN, CircuitBreaker, Transition
-from reactor.core.errors import StatementRefused
+from reactor.core.errors import DatabaseUnavailable, StatementRefused
 from reactor.core.models import ClaimedJob, Outcome
 from reactor.core.notice import Notice
-from reactor.db.store import TRANSIENT_ERRORS
 from reactor.engine.attempt import RenderFn, attempt
 from reactor.engine.circuit_watch import CircuitWatch, ProbeFn
 from reactor.engine.decisions import DispatchSettings, claim_room, notice_reaction
@@ -238,7 +237,7 @@ class Dispatcher:
     async def _refresh_due(self) -> None:
         try:
             w = await self.store.next_wakeups()
-        except TRANSIENT_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             logger.warning("cannot read the next due time: %s", exc)
             return
         except Exception:
@@ -267,7 +266,7 @@ class Dispatcher:
         while True:
             try:
                 return await self.store.finish_and_claim(batch, room, self.settings.lease_s, self.clock())
-            except TRANSIENT_ERRORS as exc:
+            except DatabaseUnavailable as exc:
                 logger.warning(
                     "database unavailable (%d outcomes waiting; retry in %.1f s): %s", len(batch), delay, exc
                 )

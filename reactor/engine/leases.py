@@ -17,8 +17,8 @@ from uuid import UUID
 
 import anyio
 
+from reactor.core.errors import DatabaseUnavailable
 from reactor.core.models import ClaimedJob
-from reactor.db.store import TRANSIENT_ERRORS
 
 __all__ = ["Held", "LeaseStore", "Leases"]
 
@@ -64,7 +64,7 @@ class Leases:
                 continue
             try:
                 kept = await self.store.renew(held, self.lease_s)
-            except TRANSIENT_ERRORS as exc:
+            except DatabaseUnavailable as exc:
                 logger.warning("cannot renew leases: %s", exc)
                 continue
             except Exception:
@@ -79,7 +79,7 @@ class Leases:
             return
         try:
             kept = await self.store.still_held(held)
-        except TRANSIENT_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             logger.warning("cannot check held jobs: %s", exc)
             return
         except Exception:

@@ -1,9 +1,9 @@
-"""The LISTEN connection: wake-ups from NOTIFY, reconnects, and a resync after each (re)connect.
+"""The listener: wake-ups from NOTIFY, reconnects, and a resync after each (re)connect.
 
 NOTIFY is a wake-up, the tables are the truth. After every (re)connect the listener LISTENs first
 and only then tells its subscribers to re-read state, so nothing committed while it was away is
-missed. A connection that says nothing for ``idle_check_s`` is probed with one cheap query, which
-tells a live listener from a half-open socket; TCP keepalives catch a dead peer sooner.
+missed. The connection itself (and its idle check) is reactor/db/listen.py; each payload is read
+once into a :class:`~reactor.core.notice.Notice`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
 
 import anyio
-import psycopg
 from anyio.abc import TaskStatus
 
+from reactor.core.errors import DatabaseUnavailable
 from reactor.core.notice import CHANNELS, Notice, parse_notice
-from reactor.db.store import connect_kwargs, one_line
+from reactor.db.listen import ListenConnection
+from reactor.db.store import one_line
 
 __all__ = ["Listener"]
 
@@ -57,10 +57,8 @@ class Listener:
         failures = 0
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.dsn, **connect_kwargs(), application_name="reactor listener"
-                )
-            except psycopg.OperationalError as exc:
+                conn = await ListenConnection.connect(self.dsn)
+            except DatabaseUnavailable as exc:
                 failures += 1
                 delay = min(self.max_backoff_s, 0.1 * 2 ** min(failures, 10)) * (0.5 + self._rng.random() / 2)
                 logger.warning("listener cannot connect (retry in %.1f s): %s", delay, one_line(exc))
@@ -68,10 +66,9 @@ class Listener:
                 continue
             try:
                 async with conn:
-                    for channel in CHANNELS:
-                        await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                    await conn.listen(CHANNELS)
                     self.connected = True
-                    self.backend_pid = conn.info.backend_pid
+                    self.backend_pid = conn.backend_pid
                     if started:
                         self.reconnects += 1
                         logger.info("listener reconnected (pid %s); re-reading the queue", self.backend_pid)
@@ -80,21 +77,13 @@ class Listener:
                     if not started:
                         started = True
                         task_status.started()
-                    await self._consume(conn)
-            except psycopg.OperationalError as exc:
+                    await conn.consume(self._notify, self.idle_check_s)
+            except DatabaseUnavailable as exc:
                 logger.warning("listener connection lost: %s", one_line(exc))
             finally:
                 self.connected = False
             failures += 1
             await anyio.sleep(min(self.max_backoff_s, 0.05 * 2 ** min(failures, 10)))
 
-    async def _consume(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        while True:
-            got = False
-            async for n in conn.notifies(timeout=self.idle_check_s):
-                got = True
-                self._on_notice(parse_notice(n.channel, n.payload))
-            if not got:
-                # quiet for a while: make sure the connection is really there
-                await conn.execute("SELECT 1")
-
+    def _notify(self, channel: str, payload: str) -> None:
+        self._on_notice(parse_notice(channel, payload))

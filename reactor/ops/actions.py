@@ -12,10 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg.rows import dict_row
-
-from reactor.core.errors import ReactorError
+from reactor.core.errors import DatabaseError, ReactorError
+from reactor.db.session import Session
 from reactor.ops import runbook
 
 __all__ = ["RunbookActions"]
@@ -31,16 +29,14 @@ class RunbookActions:
         self.timeout_s = timeout_s
 
     def run(self, action: str, job_id: UUID | None, values: Mapping[str, str], actor: str) -> dict[str, Any]:
-        """One runbook operation (blocking psycopg, as the CLI uses it): the reply's body."""
+        """One runbook operation (blocking, as the CLI runs it): the reply's body."""
         ms = int(self.timeout_s * 1000)
         try:
-            conn = psycopg.connect(
-                self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=max(1, int(self.timeout_s)),
-                application_name="reactor dashboard",
-                options=f"-c lock_timeout={ms // 2} -c statement_timeout={ms}",
-            )
-        except psycopg.Error as exc:
-            logger.warning("dashboard action: cannot connect: %s", " ".join(str(exc).split())[:200])
+            conn = Session.connect(self.dsn, connect_timeout=max(1, int(self.timeout_s)),
+                                   application_name="reactor dashboard",
+                                   options=f"-c lock_timeout={ms // 2} -c statement_timeout={ms}")
+        except DatabaseError as exc:
+            logger.warning("dashboard action: %s", " ".join(str(exc).split())[:200])
             return {"error": "database unavailable"}
         try:
             with conn:

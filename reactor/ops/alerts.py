@@ -60,20 +60,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
-import psycopg
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from reactor import __version__
-from reactor.core.errors import ConfigError
+from reactor.core.errors import ConfigError, DatabaseError, SchemaMissing
+from reactor.db.alerts import LOCK_KEY, AlertStore
+from reactor.ops.webhook import Webhook
 
 __all__ = [
     "ALERTS",
     "CHANNEL",
+    "LOCK_KEY",
     "AlertSettings",
     "Alerts",
     "Figures",
@@ -90,9 +86,6 @@ logger = logging.getLogger(__name__)
 CHANNEL = "reactor_alerts"
 #: the alerts, in the order they are evaluated and reported
 ALERTS = ("queue_depth", "failed_per_hour", "avg_wait", "oldest_queued", "render_farm_unreachable")
-#: pg_try_advisory_xact_lock key of an evaluation (claims use 7240513002, migrations 7240513001,
-#: the event journal 7240513004)
-LOCK_KEY = 7_240_513_003
 
 
 @dataclass(frozen=True)
@@ -238,147 +231,6 @@ class Transition:
         }
 
 
-# -- SQL ------------------------------------------------------------------------------------------
-
-_LOCK = "SELECT pg_try_advisory_xact_lock(%(key)s) AS locked"
-
-_FIGURES = """
-SELECT s.queued, s.processing, s.failed_last_hour, s.avg_wait_seconds, s.oldest_queued_age_seconds,
-       c.alert_queue_depth, c.alert_failed_per_hour, c.alert_avg_wait_minutes,
-       r.open_circuits, r.open_circuit_seconds
-  FROM public.get_queue_stats() s
- CROSS JOIN public.job_queue_config c
- CROSS JOIN LATERAL (
-       SELECT count(*) AS open_circuits,
-              max(extract(epoch FROM now() - coalesce(x.circuit_since, now())))::float8 AS open_circuit_seconds
-         FROM reactor.reactors x
-        WHERE x.circuit_state <> 'closed'
-          AND x.heartbeat_at >= now() - make_interval(secs => %(alive_s)s)) r
-"""
-
-_STATE = "SELECT name, firing, since FROM reactor.alerts"
-
-_SEED = "INSERT INTO reactor.alerts (name) SELECT unnest(%(names)s::text[]) ON CONFLICT (name) DO NOTHING"
-
-#: flip one alert, only if it still holds the old state; NOTIFY in the same transaction
-_FLIP = """
-WITH upd AS (
-    UPDATE reactor.alerts
-       SET firing = %(firing)s, since = now(), value = %(value)s, threshold = %(threshold)s,
-           updated_at = now(), changed_by = %(reactor)s
-     WHERE name = %(name)s AND firing IS DISTINCT FROM %(firing)s
-    RETURNING name, firing, since, value, threshold)
-SELECT upd.since,
-       pg_notify('reactor_alerts', json_build_object(
-           'alert', upd.name, 'status', CASE WHEN upd.firing THEN 'firing' ELSE 'resolved' END,
-           'value', upd.value, 'threshold', upd.threshold, 'since', upd.since,
-           'reactor', %(reactor)s::text, 'summary', %(summary)s::text)::text)
-  FROM upd
-"""
-
-#: keep the figures of alerts that go on firing current (for whoever reads reactor.alerts)
-_REFRESH = """
-UPDATE reactor.alerts a
-   SET value = u.value, threshold = u.threshold, updated_at = now()
-  FROM jsonb_to_recordset(%(rows)s) AS u(name text, value float8, threshold float8)
- WHERE a.name = u.name AND a.firing
-   AND (a.value IS DISTINCT FROM u.value OR a.threshold IS DISTINCT FROM u.threshold)
-"""
-
-
-# -- the webhook ----------------------------------------------------------------------------------
-
-
-def _where(url: str) -> str:
-    """A webhook URL for the log: scheme and host only (the path of a Slack webhook is its secret)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/…"
-
-
-class Webhook:
-    """Posts transitions one at a time, in order, retrying failures with bounded backoff."""
-
-    def __init__(self, url: str, settings: AlertSettings, *, rng: random.Random | None = None) -> None:
-        self.url = url
-        self.settings = settings
-        self.rng = rng or random.Random()
-        self.delivered = 0
-        self.abandoned = 0
-        send: MemoryObjectSendStream[Transition]
-        receive: MemoryObjectReceiveStream[Transition]
-        send, receive = anyio.create_memory_object_stream[Transition](100)
-        self._send, self._receive = send, receive
-
-    def submit(self, t: Transition) -> None:
-        try:
-            self._send.send_nowait(t)
-        except anyio.WouldBlock:
-            self.abandoned += 1
-            logger.error("alert webhook backlog full: dropping %s %s", t.name, t.status)
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        s = self.settings
-        async with httpx.AsyncClient(
-            timeout=s.webhook_timeout_s, follow_redirects=False,
-            headers={"User-Agent": f"reactor/{__version__}"},
-        ) as client:
-            task_status.started()
-            try:
-                async for t in self._receive:
-                    await self.deliver(client, t)
-            finally:
-                # stopping: one quick try for what is still waiting, without holding up the stop
-                with anyio.CancelScope(shield=True), anyio.move_on_after(3.0):
-                    while True:
-                        try:
-                            t = self._receive.receive_nowait()
-                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                            break
-                        await self.deliver(client, t, attempts=1)
-
-    async def deliver(self, client: httpx.AsyncClient, t: Transition, *, attempts: int | None = None) -> bool:
-        s = self.settings
-        tries = attempts or max(1, s.webhook_attempts)
-        extra = {"alert": t.name, "status": t.status, "webhook": _where(self.url)}
-        for attempt in range(1, tries + 1):
-            retry_after: float | None = None
-            try:
-                response = await client.post(self.url, json=t.payload())
-            except httpx.HTTPError as exc:
-                problem = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                if response.is_success:
-                    self.delivered += 1
-                    logger.info("alert webhook delivered", extra={**extra, "attempt": attempt})
-                    return True
-                problem = f"HTTP {response.status_code}"
-                if response.status_code not in (408, 429) and response.status_code < 500:
-                    self.abandoned += 1
-                    logger.error("alert webhook refused the post (%s); not retried", problem, extra=extra)
-                    return False
-                retry_after = _retry_after(response.headers.get("Retry-After"))
-            if attempt == tries:
-                break
-            delay = min(s.webhook_backoff_cap_s, s.webhook_backoff_s * 2 ** (attempt - 1))
-            delay = delay / 2 + self.rng.random() * delay / 2
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, s.webhook_backoff_cap_s))
-            logger.warning("alert webhook failed (%s); retry %d/%d in %.1f s", problem, attempt, tries - 1, delay,
-                           extra=extra)
-            await anyio.sleep(delay)
-        self.abandoned += 1
-        logger.error("alert webhook failed %d times (%s); giving up", tries, problem, extra=extra)
-        return False
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
-
-
 # -- the evaluator --------------------------------------------------------------------------------
 
 
@@ -401,7 +253,7 @@ class Alerts:
     def __init__(
         self,
         settings: AlertSettings,
-        pool: AsyncConnectionPool[Any],
+        store: AlertStore,
         reactor_id: str,
         *,
         local_circuit: Callable[[], str] = lambda: "closed",
@@ -410,7 +262,7 @@ class Alerts:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.pool = pool
+        self.store = store
         self.reactor_id = reactor_id
         self.local_circuit = local_circuit
         self.listener_connected = listener_connected
@@ -457,10 +309,10 @@ class Alerts:
         self._dirty = False  # cleared first: a notice arriving meanwhile asks for the next round
         try:
             made = await self._evaluate()
-        except (psycopg.Error, PoolTimeout) as exc:
+        except DatabaseError as exc:
             self.last.quiet = False
             self.last.errors += 1
-            if isinstance(exc, psycopg.errors.UndefinedTable):
+            if isinstance(exc, SchemaMissing):
                 self.last.quiet, self.last.at = True, self.clock()  # retried every idle_every_s
                 if not self._missing_table_logged:
                     self._missing_table_logged = True
@@ -484,23 +336,17 @@ class Alerts:
     async def _evaluate(self) -> list[Transition] | None:
         s = self.settings
         made: list[Transition] = []
-        async with self.pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(_LOCK, {"key": LOCK_KEY})
-            lock = await cur.fetchone()
-            if not lock or not lock["locked"]:
+        async with self.store.evaluation() as ev:
+            if ev is None:
                 self.last.not_leader += 1
                 self.last.quiet = False  # we did not look: look next time
                 self._dirty = True
                 return None
-            await cur.execute(_FIGURES, {"alive_s": s.reactor_alive_s})
-            row = await cur.fetchone()
-            assert row is not None
-            figures = Figures.from_row(row)
-            await cur.execute(_STATE)
-            state = {r["name"]: r for r in await cur.fetchall()}
+            figures = Figures.from_row(await ev.figures(s.reactor_alive_s))
+            state = await ev.state()
             missing = [name for name in ALERTS if name not in state]
             if missing:
-                await cur.execute(_SEED, {"names": missing})
+                await ev.seed(missing)
                 state.update({n: {"name": n, "firing": False, "since": None} for n in missing})
             firing_now: list[str] = []
             refresh: list[dict[str, Any]] = []
@@ -514,20 +360,17 @@ class Alerts:
                         refresh.append({"name": name, "value": value, "threshold": threshold})
                     continue
                 summary = _summary(name, value, threshold, figures)
-                await cur.execute(_FLIP, {
-                    "name": name, "firing": now, "value": value, "threshold": threshold,
-                    "reactor": self.reactor_id, "summary": summary,
-                })
-                flipped = await cur.fetchone()
-                if flipped is None:
+                since = await ev.flip(name, firing=now, value=value, threshold=threshold, reactor=self.reactor_id,
+                                      summary=summary)
+                if since is None:
                     continue  # someone else changed it first (cannot happen under the lock; harmless)
                 made.append(Transition(
-                    name=name, firing=now, value=value, threshold=threshold, since=flipped["since"],
+                    name=name, firing=now, value=value, threshold=threshold, since=since,
                     summary=summary, reactor=self.reactor_id,
                     fired_at=None if now else state[name]["since"],
                 ))
             if refresh:
-                await cur.execute(_REFRESH, {"rows": Jsonb(refresh)})
+                await ev.refresh(refresh)
         self.last.at = self.clock()
         self.last.evaluations += 1
         self.last.firing = tuple(firing_now)

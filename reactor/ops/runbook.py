@@ -1,9 +1,9 @@
 """The runbook operations behind ``reactor status``, ``jobs``, ``show``, ``retry``, ``cancel``,
-``requeue-stuck``, ``pause``, ``resume``, ``config``, ``submit`` and ``check``.
+``requeue-stuck``, ``pause``, ``resume``, ``config`` and ``submit`` (``check`` is reactor/ops/checks.py).
 
-Plain synchronous psycopg: each function takes a connection from :func:`connect` (or a DSN) and
-returns data; the CLI prints it. Every change runs in one transaction that names its author in
-``job_events.actor`` (``cli:<os user>``). The queries are in ``sql/ops.sql``.
+Each function takes a session from :func:`connect` (reactor/db/session.py: a plain synchronous
+connection) and returns data; the CLI prints it. Every change runs in one transaction that names
+its author in ``job_events.actor`` (``cli:<os user>``). The queries are in ``sql/ops.sql``.
 
 Two kinds of failure, told apart by the exit code of the CLI:
 
@@ -15,41 +15,29 @@ Two kinds of failure, told apart by the exit code of the CLI:
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import os
 import re
-import secrets
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
-import httpx
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
-
-from reactor.core.errors import ConfigError, DatabaseError, ReactorError
-from reactor.core.logs import redact
-from reactor.db.sqlfiles import load_queries
+from reactor.core.errors import ConfigError, DatabaseError, ReactorError, StatementRefused
+from reactor.db.session import Row, Session
 
 __all__ = [
     "CancelResult",
-    "CheckResult",
     "JobDetail",
     "JobNotFoundError",
     "JobStateError",
     "PauseResult",
     "Refused",
     "ResumeResult",
+    "Session",
     "Status",
     "cancel_job",
-    "check",
     "config_set",
     "config_show",
     "connect",
@@ -65,19 +53,15 @@ __all__ = [
     "show_job",
     "status",
     "submit",
-    "transaction_pooler_reason",
 ]
 
-Row = dict[str, Any]
-Conn = psycopg.Connection[Row]
+Conn = Session
 
 #: ``max_concurrent_renders`` after ``resume`` when no earlier value is known (the column's default)
 DEFAULT_MAX_RENDERS = 10
 #: settings of job_queue_config that ``config set`` does not touch
 _FIXED_COLUMNS = frozenset({"id", "updated_at"})
 _SUPABASE_PREFIX = "supabase."
-#: the port of Supabase's transaction-mode pooler (Supavisor)
-TRANSACTION_POOLER_PORT = "6543"
 
 
 class Refused(ReactorError):
@@ -92,11 +76,7 @@ class JobStateError(Refused):
     """The job's status does not allow the change."""
 
 
-def _q() -> dict[str, str]:
-    return load_queries("ops.sql")
-
-
-# -- connections and errors --------------------------------------------------------------------
+# -- connections ---------------------------------------------------------------------------------
 
 
 def default_actor() -> str:
@@ -108,57 +88,9 @@ def default_actor() -> str:
     return f"cli:{user}"
 
 
-def connect(dsn: str, *, connect_timeout: int = 10) -> Conn:
-    """An autocommit connection with dict rows; ``DatabaseError`` when it cannot be made."""
-    try:
-        conn: Conn = psycopg.connect(
-            dsn, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout,
-            application_name="reactor cli",
-        )
-    except psycopg.Error as exc:
-        raise DatabaseError(f"cannot connect to the database: {redact(_message(exc))}") from exc
-    return conn
-
-
-def _message(exc: BaseException) -> str:
-    """The server's own words (and hint) for a psycopg error, else the error's text."""
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None)
-    if not primary:
-        return " ".join(str(exc).split())
-    hint = getattr(diag, "message_hint", None)
-    return f"{primary} ({hint})" if hint else str(primary)
-
-
-@contextlib.contextmanager
-def _database_errors() -> Iterator[None]:
-    """psycopg errors out of the block become ``DatabaseError`` (a missing schema says what to do)."""
-    try:
-        yield
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
-            psycopg.errors.InvalidSchemaName) as exc:
-        what = exc.diag.message_primary or str(exc).strip()
-        raise DatabaseError(
-            f"{what}: the reactor's schema is missing or older than this reactor; run `reactor migrate`"
-        ) from exc
-    except psycopg.Error as exc:
-        raise DatabaseError(_message(exc)) from exc
-
-
-@contextlib.contextmanager
-def _change(conn: Conn, actor: str | None) -> Iterator[None]:
-    """One transaction that records its author, with database errors translated."""
-    with _database_errors(), conn.transaction():
-        conn.execute(_q()["set_actor"], {"actor": actor or default_actor()})
-        yield
-
-
-def _one(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> Row | None:
-    return conn.execute(_q()[name], params or {}).fetchone()
-
-
-def _all(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-    return conn.execute(_q()[name], params or {}).fetchall()
+def connect(dsn: str, *, connect_timeout: int = 10) -> Session:
+    """A session for the runbook; ``DatabaseError`` when it cannot be opened."""
+    return Session.connect(dsn, connect_timeout=connect_timeout)
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -226,14 +158,14 @@ def status(conn: Conn, *, alive_within_s: float = 90.0) -> Status:
 
     A reactor beats at every sweep (30 s by default): 90 s is three sweeps.
     """
-    with _database_errors(), conn.transaction():
-        features = _one(conn, "features") or {}
-        stats = _one(conn, "queue_stats") or {}
-        limits = _one(conn, "effective_limits") or {}
-        config = _one(conn, "config") or {}
-        pause_row = _one(conn, "pause_state") if features.get("pause_memory") else None
-        reactors = _all(conn, "reactors")
-        oldest = _one(conn, "oldest_queued")
+    with conn.reading():
+        features = conn.one("features") or {}
+        stats = conn.one("queue_stats") or {}
+        limits = conn.one("effective_limits") or {}
+        config = conn.one("config") or {}
+        pause_row = conn.one("pause_state") if features.get("pause_memory") else None
+        reactors = conn.all("reactors")
+        oldest = conn.one("oldest_queued")
     alive = [r for r in reactors if r["silent_seconds"] <= alive_within_s]
     silent = [r for r in reactors if r["silent_seconds"] > alive_within_s]
     return Status(
@@ -261,8 +193,7 @@ def list_jobs(
         raise ConfigError(f"--status must be one of {', '.join(JOB_STATUSES)}, got {status!r}")
     if limit < 1:
         raise ConfigError(f"--limit must be 1 or more, got {limit}")
-    with _database_errors():
-        return _all(conn, "list_jobs", {"status": status, "job_type": job_type, "user_id": user_id, "limit": limit})
+    return conn.all("list_jobs", {"status": status, "job_type": job_type, "user_id": user_id, "limit": limit})
 
 
 @dataclass(frozen=True)
@@ -273,16 +204,16 @@ class JobDetail:
 
 def show_job(conn: Conn, job_id: UUID) -> JobDetail:
     """The job (payload, result, error fields) and its events in order; ``JobNotFoundError`` if none."""
-    with _database_errors(), conn.transaction():
-        job = _one(conn, "get_job", {"id": job_id})
+    with conn.reading():
+        job = conn.one("get_job", {"id": job_id})
         if job is None:
             raise JobNotFoundError(f"no job {job_id}")
-        events = _all(conn, "job_events", {"id": job_id})
+        events = conn.all("job_events", {"id": job_id})
     return JobDetail(job, events)
 
 
 def _get(conn: Conn, job_id: UUID) -> Row:
-    job = _one(conn, "get_job", {"id": job_id})
+    job = conn.one("get_job", {"id": job_id})
     assert job is not None  # read right after a change in the same transaction
     return job
 
@@ -294,22 +225,22 @@ def retry_job(conn: Conn, job_id: UUID, *, actor: str | None = None) -> Row:
     retries, instead of failing for good at the first error); the error fields, ``result`` and
     ``started_at`` are cleared; ``attempt`` keeps counting. The history stays in ``job_events``.
     """
-    with _change(conn, actor):
-        row = _one(conn, "lock_job", {"id": job_id})
+    with conn.change(actor or default_actor()):
+        row = conn.one("lock_job", {"id": job_id})
         if row is None:
             raise JobNotFoundError(f"no job {job_id}")
         if row["status"] not in ("failed", "cancelled"):
             raise JobStateError(
                 f"job {job_id} is {row['status']}: only a failed or cancelled job can be retried"
             )
-        _one(conn, "retry_job", {"id": job_id})
+        conn.one("retry_job", {"id": job_id})
         return _get(conn, job_id)
 
 
 def retry_failed_since(conn: Conn, since: timedelta, *, actor: str | None = None) -> list[Row]:
     """Every job that failed within ``since`` back to queued, as :func:`retry_job` does."""
-    with _change(conn, actor):
-        return _all(conn, "retry_failed_since", {"since_s": since.total_seconds()})
+    with conn.change(actor or default_actor()):
+        return conn.all("retry_failed_since", {"since_s": since.total_seconds()})
 
 
 @dataclass(frozen=True)
@@ -327,8 +258,8 @@ class CancelResult:
 
 def cancel_job(conn: Conn, job_id: UUID, *, actor: str | None = None) -> CancelResult:
     """Queued or processing -> cancelled. Already cancelled: nothing to do. Finished: refused."""
-    with _change(conn, actor):
-        row = _one(conn, "lock_job", {"id": job_id})
+    with conn.change(actor or default_actor()):
+        row = conn.one("lock_job", {"id": job_id})
         if row is None:
             raise JobNotFoundError(f"no job {job_id}")
         was = str(row["status"])
@@ -338,7 +269,7 @@ def cancel_job(conn: Conn, job_id: UUID, *, actor: str | None = None) -> CancelR
                 + (" (to run it again: reactor retry ID)" if was == "failed" else "")
             )
         if was != "cancelled":
-            _one(conn, "cancel_job", {"id": job_id})
+            conn.one("cancel_job", {"id": job_id})
         return CancelResult(_get(conn, job_id), was, row["locked_by"] if was == "processing" else None)
 
 
@@ -348,8 +279,8 @@ def requeue_stuck(
     """What the sweep does, now: jobs whose lease expired, processing without a lease for longer
     than ``orphan_s``, or processing longer than ``job_timeout_minutes`` + ``grace_s`` go back to
     queued (retry_count + 1, TIMEOUT) or to failed once their retries are spent."""
-    with _change(conn, actor):
-        return _all(conn, "sweep", {"grace_s": grace_s, "orphan_s": orphan_s})
+    with conn.change(actor or default_actor()):
+        return conn.all("sweep", {"grace_s": grace_s, "orphan_s": orphan_s})
 
 
 # -- pause and resume ----------------------------------------------------------------------------
@@ -375,7 +306,7 @@ class ResumeResult:
 
 
 def _require_pause_memory(conn: Conn) -> None:
-    features = _one(conn, "features") or {}
+    features = conn.one("features") or {}
     if not features.get("pause_memory"):
         raise DatabaseError("this database lacks migration 0002 (pause memory): run `reactor migrate`")
 
@@ -383,13 +314,13 @@ def _require_pause_memory(conn: Conn) -> None:
 def pause(conn: Conn, *, actor: str | None = None) -> PauseResult:
     """Emergency stop: ``max_concurrent_renders = 0``. No new render starts; renders in flight
     finish. The value it replaces is remembered (migration 0002) for :func:`resume`."""
-    with _change(conn, actor):
+    with conn.change(actor or default_actor()):
         _require_pause_memory(conn)
-        config = _one(conn, "config") or {}
+        config = conn.one("config") or {}
         changed = config.get("max_concurrent_renders") != 0
         if changed:
-            _one(conn, "set_max_renders", {"n": 0})
-        state = _one(conn, "pause_state") or {}
+            conn.one("set_max_renders", {"n": 0})
+        state = conn.one("pause_state") or {}
     return PauseResult(changed, state.get("previous"), state.get("paused_at"), state.get("paused_by"))
 
 
@@ -398,20 +329,20 @@ def resume(conn: Conn, *, to: int | None = None, actor: str | None = None) -> Re
     else the default (10). Not paused: nothing changes."""
     if to is not None and to < 1:
         raise ConfigError(f"--to must be 1 or more (0 is a pause), got {to}")
-    with _change(conn, actor):
+    with conn.change(actor or default_actor()):
         _require_pause_memory(conn)
-        config = _one(conn, "config") or {}
+        config = conn.one("config") or {}
         current = int(config.get("max_concurrent_renders", 0))
         if current != 0:
             return ResumeResult(False, current, "unchanged")
-        state = _one(conn, "pause_state")
+        state = conn.one("pause_state")
         if to is not None:
             value, source = to, "--to"
         elif state is not None:
             value, source = int(state["previous"]), "remembered"
         else:
             value, source = DEFAULT_MAX_RENDERS, "default"
-        _one(conn, "set_max_renders", {"n": value})
+        conn.one("set_max_renders", {"n": value})
     return ResumeResult(True, value, source)
 
 
@@ -420,12 +351,12 @@ def resume(conn: Conn, *, to: int | None = None, actor: str | None = None) -> Re
 
 def config_show(conn: Conn) -> Row:
     """``job_queue_config``'s row; with the Supabase hardening, its settings under ``supabase.``."""
-    with _database_errors(), conn.transaction():
-        features = _one(conn, "features") or {}
-        out = dict(_one(conn, "config") or {})
+    with conn.reading():
+        features = conn.one("features") or {}
+        out = dict(conn.one("config") or {})
         out.pop("id", None)
         if features.get("supabase"):
-            for key, value in (_one(conn, "supabase_settings") or {}).items():
+            for key, value in (conn.one("supabase_settings") or {}).items():
                 out[_SUPABASE_PREFIX + key] = value
     return out
 
@@ -434,7 +365,7 @@ def _settable(conn: Conn, table: str, prefix: str = "") -> dict[str, str]:
     """Setting name -> SQL type, for the columns of ``table`` that ``config set`` may change."""
     return {
         prefix + r["name"]: r["type"]
-        for r in _all(conn, "columns", {"table": table})
+        for r in conn.all("columns", {"table": table})
         if r["name"] not in _FIXED_COLUMNS
     }
 
@@ -445,8 +376,8 @@ def config_set(conn: Conn, assignments: Mapping[str, str | None], *, actor: str 
     Values are text cast to each column's type by PostgreSQL; the table's triggers then check
     them and name the column in their errors. Returns the configuration after the change.
     """
-    with _change(conn, actor):
-        features = _one(conn, "features") or {}
+    with conn.change(actor or default_actor()):
+        features = conn.one("features") or {}
         known = _settable(conn, "public.job_queue_config")
         if features.get("supabase"):
             known |= _settable(conn, "reactor.supabase_settings", _SUPABASE_PREFIX)
@@ -457,9 +388,9 @@ def config_set(conn: Conn, assignments: Mapping[str, str | None], *, actor: str 
             )
         for key, value in assignments.items():  # a value of the wrong type is named with its key
             try:
-                conn.execute(sql.SQL("SELECT CAST(%s::text AS {})").format(sql.SQL(known[key])), (value,))
-            except psycopg.Error as exc:
-                raise ConfigError(f"{key}: {_message(exc)}") from exc
+                conn.cast(value, known[key])
+            except StatementRefused as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
         plain = {k: v for k, v in assignments.items() if not k.startswith(_SUPABASE_PREFIX)}
         supabase = {k.removeprefix(_SUPABASE_PREFIX): v for k, v in assignments.items()
                     if k.startswith(_SUPABASE_PREFIX)}
@@ -467,17 +398,10 @@ def config_set(conn: Conn, assignments: Mapping[str, str | None], *, actor: str 
                                     ("reactor.supabase_settings", _SUPABASE_PREFIX, supabase)):
             if not mine:
                 continue
-            statement = sql.SQL("UPDATE {} SET {}").format(
-                sql.SQL(table),
-                sql.SQL(", ").join(
-                    sql.SQL("{} = CAST(%s::text AS {})").format(sql.Identifier(k), sql.SQL(known[prefix + k]))
-                    for k in mine
-                ),
-            )
             try:
-                conn.execute(statement, list(mine.values()))
-            except psycopg.Error as exc:  # the triggers' and constraints' own words
-                raise ConfigError(_message(exc)) from exc
+                conn.update(table, mine, {k: known[prefix + k] for k in mine})
+            except StatementRefused as exc:  # the triggers' and constraints' own words
+                raise ConfigError(str(exc)) from exc
     return config_show(conn)
 
 
@@ -505,174 +429,10 @@ def submit(
             raise ConfigError(f"--payload is not JSON: {exc}") from exc
         if not isinstance(parsed, dict):
             raise ConfigError(f"--payload must be a JSON object, got {type(parsed).__name__}")
-    with _change(conn, actor):
-        row = _one(conn, "submit", {
+    with conn.change(actor or default_actor()):
+        row = conn.one("submit", {
             "job_type": job_type, "priority": priority, "user_id": user_id,
             "payload": payload, "input": input_text,
         })
     assert row is not None
     return row
-
-
-# -- pre-flight check ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    #: True: passed; False: failed; None: not run (an earlier check failed)
-    ok: bool | None
-    detail: str
-    extra: Row = field(default_factory=dict)
-
-
-_PGBOUNCER_KV = re.compile(r"(?i)(?:^|\s)pgbouncer\s*=\s*'?([^\s']*)'?")
-
-_USE_DIRECT = (
-    "LISTEN/NOTIFY does not work there, so reactors would never hear "
-    "of new jobs, cancellations or config changes; use the direct connection or a session-mode "
-    "pooler on port 5432 (Supabase: Connect -> Direct connection, or Session pooler)"
-)
-
-
-def transaction_pooler_reason(dsn: str, env: Mapping[str, str] | None = None) -> str | None:
-    """Why ``dsn`` goes through a transaction-mode pooler (so LISTEN cannot work), or None."""
-    signs: list[str] = []
-    # pgbouncer=true (Prisma's flag for a transaction pooler) is not a libpq parameter: take it out
-    # before libpq reads the rest
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        flags = [v for k, v in query if k.lower() == "pgbouncer"]
-        rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k.lower() != "pgbouncer"])))
-    else:
-        flags = _PGBOUNCER_KV.findall(dsn)
-        rest = _PGBOUNCER_KV.sub(" ", dsn)
-    if any(f.lower() in ("true", "1", "yes", "on") for f in flags):
-        signs.append("pgbouncer=true")
-    try:
-        params = conninfo_to_dict(rest)
-    except psycopg.Error:
-        params = {}
-    environ = os.environ if env is None else env
-    ports = str(params.get("port") or environ.get("PGPORT") or "").split(",")
-    if TRANSACTION_POOLER_PORT in (p.strip() for p in ports):
-        signs.append(f"port {TRANSACTION_POOLER_PORT}")
-    if not signs:
-        return None
-    return f"this DSN goes through a transaction-mode pooler ({' and '.join(signs)}): {_USE_DIRECT}"
-
-
-def _check_listen(dsn: str, timeout_s: float) -> CheckResult:
-    channel = f"reactor_check_{secrets.token_hex(6)}"
-    token = secrets.token_hex(8)
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as listener, \
-                psycopg.connect(dsn, autocommit=True, connect_timeout=10) as sender:
-            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            sender.execute("SELECT pg_notify(%s, %s)", (channel, token))
-            for note in listener.notifies(timeout=timeout_s, stop_after=1):
-                if note.channel == channel and note.payload == token:
-                    return CheckResult("listen", True, "LISTEN/NOTIFY round trip on a fresh connection")
-    except psycopg.Error as exc:
-        return CheckResult("listen", False, f"LISTEN/NOTIFY failed: {_message(exc)}")
-    return CheckResult(
-        "listen", False,
-        f"a NOTIFY did not arrive within {timeout_s:g} s: is this a transaction-mode pooler "
-        f"(PgBouncer, Supabase port {TRANSACTION_POOLER_PORT})? {_USE_DIRECT}",
-    )
-
-
-def _check_migrations(dsn: str) -> CheckResult:
-    from reactor.db.migrations import applied_versions, discover, discover_optional
-
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-            done = applied_versions(conn)
-    except psycopg.Error as exc:
-        return CheckResult("migrations", False, f"cannot read reactor.schema_migrations: {_message(exc)}")
-    shipped = discover()
-    known = {m.version: m for m in shipped}
-    optional = {m.version: m for m in discover_optional().values()}
-    if not done:
-        return CheckResult("migrations", False, "the reactor's schema is not there: run `reactor migrate`")
-    unknown = sorted(v for v in done if v not in known and v not in optional)
-    if unknown:
-        return CheckResult(
-            "migrations", False,
-            f"the database has migration {unknown[-1]}, newer than this reactor knows: upgrade the reactor",
-        )
-    edited = []
-    for version, checksum in done.items():
-        m = known.get(version) or optional[version]
-        if checksum is not None and checksum != m.checksum:
-            edited.append(m.up.name)
-    if edited:
-        return CheckResult("migrations", False, f"applied migrations differ from these files: {', '.join(edited)}")
-    missing = [f"{m.version:04d}_{m.name}" for m in shipped if m.version not in done]
-    if missing:
-        return CheckResult("migrations", False, f"not applied: {', '.join(missing)}: run `reactor migrate`")
-    extras = [f"+ {m.name}" for v, m in sorted(optional.items()) if v in done]
-    return CheckResult(
-        "migrations", True,
-        " ".join([f"current (version {max(known)})", *extras]),
-        {"applied": sorted(done)},
-    )
-
-
-def _check_orchestrator(url: str, timeout_s: float) -> CheckResult:
-    if not url.startswith(("http://", "https://")):
-        return CheckResult("orchestrator", False, f"not an http(s) URL: {url!r}")
-    health = url.rstrip("/") + "/health"
-    try:
-        response = httpx.get(health, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        return CheckResult(
-            "orchestrator", False,
-            f"GET {health} failed: {type(exc).__name__}: {exc or 'no answer'} (is the orchestrator running "
-            "and reachable from this host?)",
-        )
-    if not response.is_success:
-        return CheckResult("orchestrator", False, f"GET {health} answered {response.status_code}, not 2xx")
-    return CheckResult("orchestrator", True, f"GET {health} answered {response.status_code}")
-
-
-def check(
-    dsn: str,
-    *,
-    orchestrator_url: str | None = None,
-    listen_timeout_s: float = 5.0,
-    http_timeout_s: float = 5.0,
-) -> list[CheckResult]:
-    """Pre-flight checks, in order: the DSN is not a transaction pooler; the database answers;
-    LISTEN/NOTIFY works on a fresh connection; the migrations are current; and, when a URL is
-    given, the orchestrator's ``GET /health`` answers 2xx. Database checks after a failed one are
-    not run (``ok`` None)."""
-    results: list[CheckResult] = []
-    reason = transaction_pooler_reason(dsn)
-    results.append(CheckResult("dsn", reason is None, reason or "not a transaction-mode pooler"))
-    db_ok = reason is None
-    if db_ok:
-        try:
-            with connect(dsn) as conn:
-                server = _one(conn, "server") or {}
-            results.append(CheckResult(
-                "database", True,
-                f"PostgreSQL {server.get('version')}, database {server.get('database')} as {server.get('user')}",
-                server,
-            ))
-        except DatabaseError as exc:
-            results.append(CheckResult("database", False, str(exc)))
-            db_ok = False
-    else:
-        results.append(CheckResult("database", None, "not tried: fix the DSN first"))
-    if db_ok:
-        listen = _check_listen(dsn, listen_timeout_s)
-        results.append(listen)
-        results.append(_check_migrations(dsn))
-    else:
-        results.append(CheckResult("listen", None, "not tried: no database"))
-        results.append(CheckResult("migrations", None, "not tried: no database"))
-    if orchestrator_url:
-        results.append(_check_orchestrator(orchestrator_url, http_timeout_s))
-    return results

@@ -19,10 +19,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import psycopg
-from psycopg.rows import dict_row
 
-from reactor.core.errors import ReactorError
+from reactor.core.errors import DatabaseError, ReactorError
+from reactor.db.session import Session
 
 __all__ = ["SmokeFailed", "SmokeSettings", "run_smoke"]
 
@@ -55,14 +54,14 @@ class _Store:
     def __init__(self, s: SmokeSettings) -> None:
         self.s = s
         self.http = httpx.Client(timeout=10.0)
-        self.conn: psycopg.Connection[dict[str, Any]] | None = None
+        self.conn: Session | None = None
         if s.rest_url is None:
             if not s.dsn:
                 raise ReactorError("no database given: pass --dsn DSN or set DATABASE_URL (or use --rest-url)")
             try:
-                self.conn = psycopg.connect(s.dsn, autocommit=True, row_factory=dict_row, connect_timeout=10)
-            except psycopg.OperationalError as exc:
-                raise SmokeFailed("connect", " ".join(str(exc).split())) from exc
+                self.conn = Session.connect(s.dsn, connect_timeout=10, application_name=None)
+            except DatabaseError as exc:
+                raise SmokeFailed("connect", " ".join(str(exc.__cause__ or exc).split())) from exc
 
     def close(self) -> None:
         self.http.close()
@@ -76,11 +75,8 @@ class _Store:
 
     def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.conn is not None:
-            row = self.conn.execute(
-                "INSERT INTO jobs (job_type, priority, payload, max_retries) VALUES (%s, 'high', %s, %s) "
-                "RETURNING id, status, queue_position",
-                (self.s.job_type, json.dumps(payload), self.s.max_retries),
-            ).fetchone()
+            row = self.conn.one("smoke_submit", {"job_type": self.s.job_type, "payload": json.dumps(payload),
+                                                 "max_retries": self.s.max_retries})
             assert row is not None
             return row
         assert self.s.rest_url
@@ -96,10 +92,7 @@ class _Store:
 
     def read(self, job_id: str) -> dict[str, Any]:
         if self.conn is not None:
-            row = self.conn.execute(
-                "SELECT id, status, queue_position, result, error_category, error_message, retry_count "
-                "FROM jobs WHERE id = %s", (job_id,),
-            ).fetchone()
+            row = self.conn.one("smoke_read", {"id": job_id})
             if row is None:
                 raise SmokeFailed("wait for completion", f"job {job_id} disappeared")
             return row
@@ -115,10 +108,7 @@ class _Store:
 
     def cancel(self, job_id: str) -> None:
         if self.conn is not None:
-            self.conn.execute(
-                "UPDATE jobs SET status = 'cancelled' WHERE id = %s AND status IN ('queued', 'processing')",
-                (job_id,),
-            )
+            self.conn.run("smoke_cancel", {"id": job_id})
             return
         assert self.s.rest_url
         self.http.patch(
@@ -142,8 +132,8 @@ def run_smoke(s: SmokeSettings) -> dict[str, Any]:
                    "smoke": True, "submitted_at": datetime.now(UTC).isoformat()}
         try:
             row = store.submit(payload)
-        except psycopg.Error as exc:
-            raise SmokeFailed("submit", " ".join(str(exc).split())) from exc
+        except DatabaseError as exc:
+            raise SmokeFailed("submit", " ".join(str(exc.__cause__ or exc).split())) from exc
         job_id = str(row["id"])
         step("submit", f"job {job_id} ({s.job_type}) via {'PostgREST' if s.rest_url else 'SQL'}")
         if row["status"] not in ("queued", "processing", "completed"):
@@ -196,6 +186,6 @@ def run_smoke(s: SmokeSettings) -> dict[str, Any]:
     finally:
         if job_id is not None and not finished:
             # interrupted or failed before the job finished: never leave it running
-            with contextlib.suppress(psycopg.Error, httpx.HTTPError):
+            with contextlib.suppress(DatabaseError, httpx.HTTPError):
                 store.cancel(job_id)
         store.close()

@@ -22,6 +22,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from reactor.core.errors import ConfigError
+from reactor.db.alerts import AlertStore
 from reactor.db.store import connect_kwargs
 from reactor.ops.alerts import ALERTS, Alerts, AlertSettings, Figures, decide, measure, settings_from
 from reactor.service import Service, ServiceSettings
@@ -284,7 +285,7 @@ async def test_render_farm_unreachable_counts_live_reactors_only(dsn: str, db: p
                "heartbeat_at) VALUES ('dead', 'h', 3, '0', 'open', now() - interval '1 hour', "
                "now() - interval '10 minutes')")
     async with pool(dsn) as p:
-        alerts = Alerts(AlertSettings(), p, "evaluator")
+        alerts = Alerts(AlertSettings(), AlertStore(p), "evaluator")
         [t] = await alerts.evaluate() or []
         assert (t.name, t.status) == ("render_farm_unreachable", "firing")
         assert 360 <= t.value < 400 and t.threshold == 300
@@ -306,7 +307,7 @@ async def test_an_idle_fleet_skips_evaluations_until_something_happens(
     dsn: str, db: psycopg.Connection[Any],
 ) -> None:
     async with pool(dsn) as p:
-        alerts = Alerts(AlertSettings(), p, "evaluator")
+        alerts = Alerts(AlertSettings(), AlertStore(p), "evaluator")
         assert not alerts.may_skip(), "the first evaluation always runs"
         assert await alerts.evaluate() == []
         assert alerts.may_skip(), "nothing queued, firing or open: the next rounds cost nothing"

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from reactor.cli.main import main
 from reactor.db.migrations import discover, migrate_down
-from reactor.ops.runbook import transaction_pooler_reason
+from reactor.ops.checks import transaction_pooler_reason
 
 Conn = psycopg.Connection[Any]
 
