@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from reactor.core.backoff import backoff
+
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker", "Transition"]
 
 CLOSED = "closed"
@@ -94,8 +96,7 @@ class CircuitBreaker:
 
     def probe_delay(self) -> float:
         """Exponential backoff with jitter for the next probe: in [d/2, d], d = min(cap, base*2**n)."""
-        ceiling = min(self.probe_cap_s, self.probe_base_s * float(2 ** min(self.probes, 30)))
-        return ceiling / 2 + self.rng.random() * ceiling / 2
+        return backoff(self.probes, base=self.probe_base_s, cap=self.probe_cap_s, rng=self.rng)
 
     def _schedule_probe(self, now: float) -> None:
         self.next_probe_at = now + self.probe_delay()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from reactor.core.backoff import backoff
 from reactor.core.models import ClaimedJob, RenderRequest, Undecodable
 
 __all__ = [
@@ -154,13 +155,12 @@ def backoff_seconds(
     cap: float = 300.0,
     retry_after: float | None = None,
 ) -> float:
-    """Delay before attempt ``retry_count + 1``: exponential with full jitter, capped.
+    """Delay before attempt ``retry_count + 1``: :func:`reactor.core.backoff.backoff`, capped.
 
     The n-th retry waits a random time in [d/2, d] with d = min(cap, base * 2**n); a
     ``Retry-After`` from the orchestrator is honoured as a lower bound.
     """
-    ceiling = min(cap, base * float(2 ** min(retry_count, 30)))
-    delay: float = ceiling / 2 + rng.random() * ceiling / 2
+    delay = backoff(retry_count, base=base, cap=cap, rng=rng)
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay

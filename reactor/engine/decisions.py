@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from reactor.core.backoff import backoff
 from reactor.core.errors import RenderError
 from reactor.core.models import ClaimedJob, Outcome
 from reactor.core.notice import Notice
@@ -155,7 +156,8 @@ def outage_outcome(
 ) -> Outcome:
     """Back to the queue without spending a retry: the render farm failed, not the job. While the
     circuit is open (``outage``) it waits for nothing: no claim happens until the farm answers."""
-    delay = 0.0 if outage else min(backoff_cap_s, backoff_base_s * (1 + rng.random()))
+    # not spent, but not claimed again at once either: a first retry's backoff (base to 2 * base)
+    delay = 0.0 if outage else backoff(1, base=backoff_base_s, cap=backoff_cap_s, rng=rng)
     if err.retry_after is not None:
         delay = max(delay, err.retry_after)  # the orchestrator asked for it
     details = _details(job, now)

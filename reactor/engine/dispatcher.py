@@ -27,6 +27,7 @@ from uuid import UUID
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from reactor.core.backoff import Backoff, backoff
 from reactor.core.circuit import HALF_OPEN, CircuitBreaker, Transition
 from reactor.core.errors import DatabaseUnavailable, StatementRefused
 from reactor.core.models import ClaimedJob, Outcome
@@ -262,16 +263,16 @@ class Dispatcher:
         (``split=False`` raises :class:`StatementRefused` instead). An answer that cannot be read
         puts back whatever this reactor now holds without knowing it.
         """
-        delay = 0.1
+        retry = Backoff(base=0.1, cap=5.0, rng=self.rng)
         while True:
             try:
                 return await self.store.finish_and_claim(batch, room, self.settings.lease_s, self.clock())
             except DatabaseUnavailable as exc:
+                delay = retry.delay()
                 logger.warning(
                     "database unavailable (%d outcomes waiting; retry in %.1f s): %s", len(batch), delay, exc
                 )
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 room = self._room() if room else 0
             except StatementRefused as exc:
                 if not split:
@@ -287,7 +288,7 @@ class Dispatcher:
     ) -> tuple[set[UUID], list[ClaimedJob]]:
         if not batch:
             self._refusals += 1
-            delay = min(30.0, 0.5 * 2 ** min(self._refusals, 10))
+            delay = backoff(self._refusals, base=0.5, cap=30.0, rng=self.rng)
             logger.error("the claim was refused (trying again in %.0f s): %s", delay, exc)
             with anyio.move_on_after(delay):
                 await self._stopped.wait()  # a stop does not wait for it

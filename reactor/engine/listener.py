@@ -15,6 +15,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
+from reactor.core.backoff import backoff
 from reactor.core.errors import DatabaseUnavailable
 from reactor.core.notice import CHANNELS, Notice, parse_notice
 from reactor.db.listen import ListenConnection
@@ -60,7 +61,7 @@ class Listener:
                 conn = await ListenConnection.connect(self.dsn)
             except DatabaseUnavailable as exc:
                 failures += 1
-                delay = min(self.max_backoff_s, 0.1 * 2 ** min(failures, 10)) * (0.5 + self._rng.random() / 2)
+                delay = backoff(failures, base=0.1, cap=self.max_backoff_s, rng=self._rng)
                 logger.warning("listener cannot connect (retry in %.1f s): %s", delay, one_line(exc))
                 await anyio.sleep(delay)
                 continue
@@ -83,7 +84,7 @@ class Listener:
             finally:
                 self.connected = False
             failures += 1
-            await anyio.sleep(min(self.max_backoff_s, 0.05 * 2 ** min(failures, 10)))
+            await anyio.sleep(backoff(failures, base=0.05, cap=self.max_backoff_s, rng=self._rng))
 
     def _notify(self, channel: str, payload: str) -> None:
         self._on_notice(parse_notice(channel, payload))

@@ -49,6 +49,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+from reactor.core.backoff import backoff
 from reactor.core.errors import PartFailed
 
 __all__ = [
@@ -81,9 +82,7 @@ class RestartPolicy:
 def restart_delay(failures: int, policy: RestartPolicy, rng: random.Random) -> float:
     """Seconds before the restart that follows the ``failures``-th recent failure (1: the first):
     ``base_s * 2 ** (failures - 1)``, at most ``cap_s``, with equal jitter (between half and all of it)."""
-    exponent = min(max(failures, 1) - 1, 60)  # 2 ** 60 s is past any cap; no float overflow
-    ceiling = min(policy.cap_s, policy.base_s * 2.0**exponent)
-    return ceiling / 2 + rng.random() * ceiling / 2
+    return backoff(max(failures, 1) - 1, base=policy.base_s, cap=policy.cap_s, rng=rng)
 
 
 def recent(failures_at: Sequence[float], now: float, window_s: float) -> list[float]:

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from reactor import __version__
+from reactor.core.backoff import backoff
 
 if TYPE_CHECKING:
     from reactor.ops.alerts import AlertSettings, Transition
@@ -99,8 +100,7 @@ class Webhook:
                 retry_after = _retry_after(response.headers.get("Retry-After"))
             if attempt == tries:
                 break
-            delay = min(s.webhook_backoff_cap_s, s.webhook_backoff_s * 2 ** (attempt - 1))
-            delay = delay / 2 + self.rng.random() * delay / 2
+            delay = backoff(attempt - 1, base=s.webhook_backoff_s, cap=s.webhook_backoff_cap_s, rng=self.rng)
             if retry_after is not None:
                 delay = max(delay, min(retry_after, s.webhook_backoff_cap_s))
             logger.warning("alert webhook failed (%s); retry %d/%d in %.1f s", problem, attempt, tries - 1, delay,

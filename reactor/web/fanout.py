@@ -24,6 +24,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 from websockets.protocol import State
 
+from reactor.core.backoff import Backoff
 from reactor.core.errors import DatabaseError
 from reactor.db.feed import FeedStore
 from reactor.web import wire
@@ -179,7 +180,7 @@ class FanOut:
     # -- the pump: events from the database to every client ------------------------------------
 
     async def _pump(self) -> None:
-        backoff = 0.1
+        retry = Backoff(base=0.1, cap=5.0)
         while True:
             await self._pump_wake.wait()
             self._pump_wake = anyio.Event()
@@ -199,12 +200,12 @@ class FanOut:
                     "after": self.ring.last, "upto": NO_LIMIT, "limit": READ_CHUNK, "user_id": None,
                 })
             except DatabaseError as exc:
-                logger.warning("feed cannot read events (retry in %.1f s): %s", backoff, exc)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = retry.delay()
+                logger.warning("feed cannot read events (retry in %.1f s): %s", delay, exc)
+                await anyio.sleep(delay)
                 self._pump_wake.set()
                 continue
-            backoff = 0.1
+            retry.reset()
             if rows:
                 if rows[0]["seq"] != self.ring.last + 1:
                     self._reset(int(rows[0]["seq"]) - 1, "events are missing")
