@@ -35,7 +35,7 @@ from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPo
 from reactor.ops.actions import RunbookActions
 from reactor.ops.alerts import ALERTS as ALERT_NAMES
 from reactor.ops.alerts import Alerts, AlertSettings
-from reactor.ops.systemd import Notifier, Supervisor, describe
+from reactor.ops.systemd import Notifier, Supervisor, SystemdSettings, describe
 from reactor.render.client import RenderClient
 from reactor.web.dashboard import Dashboard
 from reactor.web.feed import Feed, FeedSettings
@@ -50,8 +50,11 @@ def new_reactor_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServiceSettings:
+    """Everything a running reactor is told, built once (reactor/cli/settings.py builds it from the
+    arguments and the environment) and passed down: the parts read their own part of it."""
+
     dsn: str = field(repr=False)  # it may hold a password
     orchestrator_url: str = field(repr=False)  # it may hold credentials (sent as Basic authorization)
     reactor_id: str = field(default_factory=new_reactor_id)
@@ -74,6 +77,8 @@ class ServiceSettings:
     listener_grace_s: float = 120.0
     #: restarting a part that failed, and when to give up (reactor/engine/supervise.py)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    #: what systemd passed the process ($NOTIFY_SOCKET, $WATCHDOG_USEC): none, unless run by systemd
+    systemd: SystemdSettings = field(default_factory=SystemdSettings)
 
 
 class Service:
@@ -115,7 +120,7 @@ class Service:
         if self.alerts is not None:
             alerts = self.alerts
             self.metrics.watch(alerts_firing=lambda: alerts.firing, alert_names=ALERT_NAMES)
-        self.systemd = Supervisor(Notifier.from_environ(), status=self._systemd_status,
+        self.systemd = Supervisor(Notifier.from_settings(settings.systemd), status=self._systemd_status,
                                   listener_connected=lambda: self.listener.connected,
                                   parts_down=self.parts.down,
                                   feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import secrets
 import signal
@@ -23,10 +22,12 @@ import anyio
 import anyio.to_thread
 import jwt
 
+from reactor.core.environment import Environment
 from reactor.core.errors import MigrationError
 from reactor.db.embedded import EmbeddedPostgres, default_data_dir
 from reactor.db.migrations import migrate_up
 from reactor.db.session import Session
+from reactor.ops.systemd import SystemdSettings
 from reactor.service import Service, ServiceSettings
 from reactor.testing.orchestrator import OrchestratorDouble
 from reactor.web.auth import AuthSettings
@@ -88,23 +89,24 @@ async def _submit(dsn: str, rate: float, stop: anyio.Event) -> None:
                 await stop.wait()
 
 
-async def _main(args: argparse.Namespace) -> None:
-    server = EmbeddedPostgres(default_data_dir())
+async def _main(args: argparse.Namespace, env: Environment) -> None:
+    server = EmbeddedPostgres(default_data_dir(env), env=env)
     if args.fresh:
         server.destroy()
-        server = EmbeddedPostgres(default_data_dir())
+        server = EmbeddedPostgres(default_data_dir(env), env=env)
     dsn = server.start()
     try:
         migrate_up(dsn)
     except MigrationError as exc:
         raise MigrationError(f"{exc}\n(this is the demo's own database: start afresh with --fresh)") from exc
-    secret = os.environ.get("REACTOR_JWT_SECRET") or secrets.token_urlsafe(32)
+    secret = env.jwt_secret or secrets.token_urlsafe(32)
     feed = FeedSettings(auth=AuthSettings(jwt_secret=secret), host="127.0.0.1", port=args.port)
     admin = jwt.encode({"role": "service_role", "sub": str(DEMO_ADMIN), "email": "demo-admin@localhost",
                         "exp": int(time.time()) + 7 * 86400},
                        secret, algorithm="HS256")
     async with OrchestratorDouble(latency_ms=800, jitter_ms=1500) as orch:
-        service = Service(ServiceSettings(dsn=dsn, orchestrator_url=orch.url, handle_signals=False, feed=feed))
+        service = Service(ServiceSettings(dsn=dsn, orchestrator_url=orch.url, handle_signals=False, feed=feed,
+                                          systemd=SystemdSettings.from_environment(env)))
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
@@ -150,6 +152,6 @@ async def _main(args: argparse.Namespace) -> None:
             )
 
 
-def run(args: argparse.Namespace) -> int:
-    anyio.run(_main, args, backend="asyncio")
+def run(args: argparse.Namespace, env: Environment) -> int:
+    anyio.run(_main, args, env, backend="asyncio")
     return 0

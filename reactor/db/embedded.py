@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from reactor.core.environment import Environment, inherited
 from reactor.core.errors import EmbeddedPostgresError
 
 __all__ = ["EmbeddedPostgres", "default_data_dir", "find_pg_bin"]
@@ -33,9 +34,9 @@ FAST_SETTINGS: Mapping[str, str] = {
 }
 
 
-def find_pg_bin() -> Path:
-    """Directory holding ``pg_ctl``, ``initdb`` and ``postgres``."""
-    explicit = os.environ.get("REACTOR_PG_BIN")
+def find_pg_bin(env: Environment | None = None) -> Path:
+    """Directory holding ``pg_ctl``, ``initdb`` and ``postgres`` (``$REACTOR_PG_BIN`` first)."""
+    explicit = (env or Environment.read()).pg_bin
     if explicit:
         return Path(explicit)
     found = shutil.which("pg_ctl")
@@ -50,15 +51,16 @@ def find_pg_bin() -> Path:
     )
 
 
-def default_data_dir() -> Path:
+def default_data_dir(env: Environment | None = None) -> Path:
     """Where ``reactor demo`` and ``reactor run`` without ``--dsn`` keep their cluster."""
-    explicit = os.environ.get("REACTOR_EMBEDDED_DIR")
+    env = env or Environment.read()
+    explicit = env.embedded_dir
     if explicit:
         return Path(explicit)
     if os.geteuid() == 0:
         # the unprivileged server user cannot enter /root
         return Path("/var/tmp/reactor-embedded")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    base = env.xdg_data_home or str(Path.home() / ".local" / "share")
     return Path(base) / "reactor" / "embedded"
 
 
@@ -69,11 +71,11 @@ def _free_port() -> int:
         return port
 
 
-def _server_user() -> pwd.struct_passwd | None:
+def _server_user(env: Environment) -> pwd.struct_passwd | None:
     """The OS user to run the server as, or None to run as ourselves."""
     if os.geteuid() != 0:
         return None
-    names = [os.environ.get("REACTOR_PG_USER", ""), "postgres", "nobody"]
+    names = [env.pg_user or "", "postgres", "nobody"]
     for name in filter(None, names):
         try:
             return pwd.getpwnam(name)
@@ -94,6 +96,7 @@ class EmbeddedPostgres:
         *,
         port: int | None = None,
         settings: Mapping[str, str] | None = None,
+        env: Environment | None = None,
     ) -> None:
         self._owns_dir = base_dir is None
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="reactor-pg-"))
@@ -107,8 +110,9 @@ class EmbeddedPostgres:
         self.options = ""
         self.maintenance_dbname = "postgres"
         self.template_dbname: str | None = None
-        self._bin = find_pg_bin()
-        self._os_user = _server_user()
+        env = env or Environment.read()
+        self._bin = find_pg_bin(env)
+        self._os_user = _server_user(env)
 
     # -- what pytest-postgresql's noproc fixture reads -------------------------------------------
 
@@ -133,7 +137,7 @@ class EmbeddedPostgres:
                 "group": self._os_user.pw_gid,
                 "extra_groups": [],
             }
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env = inherited(without_prefix="PG")
         env["LC_ALL"] = "C.UTF-8" if "C.UTF-8" in _locales() else "C"
         proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
             args,

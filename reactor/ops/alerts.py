@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -62,6 +61,7 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import TaskStatus
 
+from reactor.core.environment import Environment
 from reactor.core.errors import ConfigError, DatabaseError, SchemaMissing
 from reactor.db.alerts import LOCK_KEY, AlertStore
 from reactor.ops.webhook import Webhook
@@ -108,10 +108,10 @@ class AlertSettings:
     webhook_backoff_cap_s: float = 30.0
 
 
-def settings_from(webhook_url: str | None, env: Mapping[str, str] | None = None) -> AlertSettings:
-    """Alert settings from ``--alert-webhook`` (else ``$REACTOR_ALERT_WEBHOOK``); fail fast on a bad URL."""
-    environ = os.environ if env is None else env
-    url = (webhook_url or environ.get("REACTOR_ALERT_WEBHOOK") or "").strip() or None
+def settings_from(webhook_url: str | None, env: Environment | None = None) -> AlertSettings:
+    """Alert settings from ``--alert-webhook`` (else ``$REACTOR_ALERT_WEBHOOK`` of ``env``); fail fast
+    on a bad URL."""
+    url = (webhook_url or (env.alert_webhook if env is not None else None) or "").strip() or None
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

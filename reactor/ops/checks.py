@@ -8,9 +8,7 @@ given, the orchestrator's ``GET /health`` answers 2xx. ``reactor run`` also refu
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -45,8 +43,9 @@ _USE_DIRECT = (
 )
 
 
-def transaction_pooler_reason(dsn: str, env: Mapping[str, str] | None = None) -> str | None:
-    """Why ``dsn`` goes through a transaction-mode pooler (so LISTEN cannot work), or None."""
+def transaction_pooler_reason(dsn: str, pgport: str | None = None) -> str | None:
+    """Why ``dsn`` goes through a transaction-mode pooler (so LISTEN cannot work), or None.
+    ``pgport``: libpq's default port (``$PGPORT``), for a DSN that names none."""
     signs: list[str] = []
     # pgbouncer=true (Prisma's flag for a transaction pooler) is not a libpq parameter: take it out
     # before libpq reads the rest
@@ -61,8 +60,7 @@ def transaction_pooler_reason(dsn: str, env: Mapping[str, str] | None = None) ->
     if any(f.lower() in ("true", "1", "yes", "on") for f in flags):
         signs.append("pgbouncer=true")
     params = conninfo_params(rest)
-    environ = os.environ if env is None else env
-    ports = str(params.get("port") or environ.get("PGPORT") or "").split(",")
+    ports = str(params.get("port") or pgport or "").split(",")
     if TRANSACTION_POOLER_PORT in (p.strip() for p in ports):
         signs.append(f"port {TRANSACTION_POOLER_PORT}")
     if not signs:
@@ -141,13 +139,14 @@ def check(
     orchestrator_url: str | None = None,
     listen_timeout_s: float = 5.0,
     http_timeout_s: float = 5.0,
+    pgport: str | None = None,
 ) -> list[CheckResult]:
     """Pre-flight checks, in order: the DSN is not a transaction pooler; the database answers;
     LISTEN/NOTIFY works on a fresh connection; the migrations are current; and, when a URL is
     given, the orchestrator's ``GET /health`` answers 2xx. Database checks after a failed one are
     not run (``ok`` None)."""
     results: list[CheckResult] = []
-    reason = transaction_pooler_reason(dsn)
+    reason = transaction_pooler_reason(dsn, pgport)
     results.append(CheckResult("dsn", reason is None, reason or "not a transaction-mode pooler"))
     db_ok = reason is None
     if db_ok:

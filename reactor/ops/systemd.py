@@ -25,16 +25,33 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
 
-__all__ = ["Notifier", "Supervisor", "describe"]
+from reactor.core.environment import Environment
+
+__all__ = ["Notifier", "Supervisor", "SystemdSettings", "describe"]
 
 logger = logging.getLogger(__name__)
 
 #: how often STATUS is refreshed when there is no watchdog to piggyback on
 _STATUS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class SystemdSettings:
+    """What systemd passed this process: ``$NOTIFY_SOCKET``, ``$WATCHDOG_USEC`` and ``$WATCHDOG_PID``
+    (None: not run by systemd; everything is then a no-op)."""
+
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
+    watchdog_pid: int | None = None
+
+    @classmethod
+    def from_environment(cls, env: Environment) -> SystemdSettings:
+        return cls(env.notify_socket, _int(env.watchdog_usec), _int(env.watchdog_pid))
 
 
 class Notifier:
@@ -53,14 +70,14 @@ class Notifier:
         self._failures = 0
 
     @classmethod
-    def from_environ(cls, env: Mapping[str, str] | None = None) -> Notifier:
-        """The notifier systemd set up for this process (``$NOTIFY_SOCKET``, ``$WATCHDOG_USEC/PID``)."""
-        environ = os.environ if env is None else env
-        return cls(
-            environ.get("NOTIFY_SOCKET"),
-            watchdog_usec=_int(environ.get("WATCHDOG_USEC")),
-            watchdog_pid=_int(environ.get("WATCHDOG_PID")),
-        )
+    def from_settings(cls, settings: SystemdSettings) -> Notifier:
+        return cls(settings.notify_socket, watchdog_usec=settings.watchdog_usec,
+                   watchdog_pid=settings.watchdog_pid)
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str]) -> Notifier:
+        """The notifier systemd set up for a process with this environment."""
+        return cls.from_settings(SystemdSettings.from_environment(Environment.read(env)))
 
     @property
     def enabled(self) -> bool:

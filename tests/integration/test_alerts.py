@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from reactor.core.environment import Environment
 from reactor.core.errors import ConfigError
 from reactor.db.alerts import AlertStore
 from reactor.db.store import connect_kwargs
@@ -152,12 +153,12 @@ def test_hysteresis_fires_above_and_resolves_at_80_percent() -> None:
 
 
 def test_webhook_setting_comes_from_the_option_or_the_environment() -> None:
-    assert settings_from(None, {}).webhook_url is None
-    assert settings_from(None, {"REACTOR_ALERT_WEBHOOK": "https://hooks.example/x"}).webhook_url == (
-        "https://hooks.example/x")
-    assert settings_from("http://a:1/b", {"REACTOR_ALERT_WEBHOOK": "https://x/"}).webhook_url == "http://a:1/b"
+    hook = Environment.read({"REACTOR_ALERT_WEBHOOK": "https://hooks.example/x"})
+    assert settings_from(None, Environment.read({})).webhook_url is None
+    assert settings_from(None, hook).webhook_url == "https://hooks.example/x"
+    assert settings_from("http://a:1/b", hook).webhook_url == "http://a:1/b"
     with pytest.raises(ConfigError, match="--alert-webhook"):
-        settings_from("hooks.example/x", {})
+        settings_from("hooks.example/x", Environment.read({}))
 
 
 # -- end to end -----------------------------------------------------------------------------------

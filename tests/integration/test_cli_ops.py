@@ -606,7 +606,7 @@ def test_check_fails_with_pending_migrations_and_an_unreachable_database(
     ],
 )
 def test_transaction_pooler_reason(dsn: str, pooled: bool) -> None:
-    assert (transaction_pooler_reason(dsn, env={}) is not None) is pooled
+    assert (transaction_pooler_reason(dsn) is not None) is pooled
 
 
 # -- as a process ------------------------------------------------------------------------------

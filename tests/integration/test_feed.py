@@ -68,7 +68,7 @@ async def feed_reactor(dsn: str, orchestrator_url: str, *, reactor_id: str | Non
         feed=replace(FEED, **feed),
     )
     if reactor_id:
-        settings.reactor_id = reactor_id
+        settings = replace(settings, reactor_id=reactor_id)
     async with running_service(Service(settings)) as service:
         yield service
 

@@ -159,21 +159,24 @@ def test_the_bucket_ignores_a_clock_going_back() -> None:
 # -- settings ----------------------------------------------------------------------------------------
 
 
-def test_the_feed_flags_reach_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reactor.cli.main import _feed_settings, build_parser
+def test_the_feed_flags_reach_its_settings() -> None:
+    from reactor.cli.main import build_parser
+    from reactor.cli.settings import feed_settings
+    from reactor.core.environment import Environment
     from reactor.web.feed import FeedSettings
 
-    monkeypatch.setenv("REACTOR_JWT_SECRET", "cli-secret-0123456789abcdef-0123456789")
+    env = Environment.read({"REACTOR_JWT_SECRET": "cli-secret-0123456789abcdef-0123456789"})
+    assert "cli-secret" not in repr(env)
     args = build_parser().parse_args([
         "run", "--listen", "127.0.0.1:0", "--max-clients", "600", "--max-unauthenticated", "50",
         "--request-rate", "5", "--request-burst", "10",
     ])
-    settings = _feed_settings(args)
-    assert isinstance(settings, FeedSettings)
+    settings = feed_settings(args, env)
+    assert isinstance(settings, FeedSettings) and settings.auth.jwt_secret == env.jwt_secret
     assert (settings.max_clients, settings.unauthenticated_limit) == (600, 50)
     assert (settings.request_rate, settings.request_burst) == (5.0, 10)
     assert "cli-secret" not in repr(settings)
-    defaults = _feed_settings(build_parser().parse_args(["run", "--listen", ":0"]))
+    defaults = feed_settings(build_parser().parse_args(["run", "--listen", ":0"]), env)
     assert isinstance(defaults, FeedSettings)
     assert (defaults.max_clients, defaults.unauthenticated_limit) == (1000, 500)
     assert (defaults.request_rate, defaults.request_burst) == (20.0, 40)
