@@ -1,6 +1,8 @@
 """Exceptions raised by the reactor.
 
-Every error the reactor raises on purpose derives from :class:`ReactorError`::
+Every exception class of the package derives from :class:`ReactorError` (tests/unit/test_errors.py
+walks the package to check it). The ones defined here are shared by several layers; the others
+live with the code that raises them::
 
     ReactorError
     ├── ConfigError            a setting is missing or invalid
@@ -12,7 +14,20 @@ Every error the reactor raises on purpose derives from :class:`ReactorError`::
     │   └── StatementRefused   the database refused a statement: the same one would fail again
     ├── EmbeddedPostgresError  the private PostgreSQL could not be set up or started
     ├── PartFailed             a part of the reactor failed too often to be restarted
-    └── RenderError            a render call failed; carries an error category
+    ├── RenderError            a render call failed; carries an error category
+    ├── InvalidPayload         (core/policy.py, also a ValueError) a job's payload cannot be rendered
+    ├── AuthError              (web/auth.py) a token was refused
+    │   └── UnknownKeyError    the token names a key the key set does not hold
+    ├── ClientRefused          (web/protocol.py) a feed client is closed for what it sent
+    ├── BadRequest             (web/protocol.py) a feed handshake is answered 400
+    ├── Refused                (ops/runbook.py) a runbook command ran and the answer is no (exit 1)
+    │   ├── JobNotFoundError   no job has this id
+    │   └── JobStateError      the job's status does not allow the change
+    └── SmokeFailed            (ops/smoke.py) a step of the smoke test failed
+
+Private ones, never seen outside their module, join too: the render client's ``_Dropped`` and
+``_Malformed``, the dashboard's ``_Failed``, the orchestrator double's ``_BadRequest``. Messages
+are short and say what to do; third-party errors are wrapped with ``raise ... from exc``.
 """
 
 from __future__ import annotations

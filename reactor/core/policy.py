@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from reactor.core.backoff import backoff
+from reactor.core.errors import ReactorError
 from reactor.core.models import ClaimedJob, RenderRequest, Undecodable
 
 __all__ = [
@@ -44,7 +45,7 @@ MAX_PAYLOAD_DEPTH = 64  # containers: {} is 1 deep, {"a": []} 2
 RETRYABLE = frozenset({"TIMEOUT", "API_ERROR", "UNKNOWN"})
 
 
-class InvalidPayload(ValueError):
+class InvalidPayload(ReactorError, ValueError):
     """The job's payload cannot be turned into a render request (category INVALID_INPUT)."""
 
 

@@ -24,7 +24,7 @@ import anyio
 import httptools
 from pydantic import ValidationError
 
-from reactor.core.errors import RenderError
+from reactor.core.errors import ReactorError, RenderError
 from reactor.core.models import RenderRequest, RenderResult
 from reactor.core.policy import category_for_status, parse_retry_after
 
@@ -37,11 +37,11 @@ BODY_EXCERPT = 500
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
-class _Dropped(Exception):
+class _Dropped(ReactorError):
     """The connection ended before the whole answer came."""
 
 
-class _Malformed(Exception):
+class _Malformed(ReactorError):
     """The answer is not HTTP we can read (or is too large)."""
 
 

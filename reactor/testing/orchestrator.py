@@ -78,6 +78,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote
 
+from reactor.core.errors import ReactorError
+
 __all__ = [
     "OUTCOME_NAMES",
     "OrchestratorDouble",
@@ -220,7 +222,7 @@ def _parse_markers(text: str) -> _Markers:
 # --------------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
+class _BadRequest(ReactorError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -3,7 +3,7 @@
 Shape first (nesting depth, size is bounded by the server), then a JSON parser that refuses what
 JSON allows but nobody means (NaN, Infinity, 1e999, integers longer than 20 digits, lone
 surrogates). A message refused here closes that client alone, with a close code and a short reason
-(:class:`Refused`); a handshake refused here gets HTTP 400 (:class:`BadRequest`). README, "Limits".
+(:class:`ClientRefused`); a handshake refused here gets HTTP 400 (:class:`BadRequest`). README, "Limits".
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = [
     "TRY_LATER",
     "UNSUPPORTED",
     "BadRequest",
-    "Refused",
+    "ClientRefused",
     "auth_message",
     "nonneg_int",
     "parse",
@@ -44,7 +44,7 @@ INTERNAL = CloseCode.INTERNAL_ERROR  # 1011
 LOGGED_REFUSALS = frozenset({"bad_message", "auth", "rate_limited"})
 
 
-class Refused(ReactorError):
+class ClientRefused(ReactorError):
     """A client is closed with ``code`` and ``reason``; ``metric`` is the reason counted in metrics."""
 
     def __init__(self, code: int, reason: str, metric: str) -> None:
@@ -120,35 +120,35 @@ def parse(raw: str | bytes) -> dict[str, Any]:
     """A client's message: a JSON object with a type, as text; anything else closes that client.
 
     Shape first (nesting depth), then a parser that refuses what JSON allows but nobody means: NaN,
-    Infinity, 1e999, integers longer than 20 digits, lone surrogates. Raises only :class:`Refused`.
+    Infinity, 1e999, integers longer than 20 digits, lone surrogates. Raises only :class:`ClientRefused`.
     """
     if isinstance(raw, bytes):
-        raise Refused(UNSUPPORTED, "binary messages are not accepted", "bad_message")
+        raise ClientRefused(UNSUPPORTED, "binary messages are not accepted", "bad_message")
     if _too_deep(raw):
-        raise Refused(POLICY, "malformed message: nested too deep", "bad_message")
+        raise ClientRefused(POLICY, "malformed message: nested too deep", "bad_message")
     try:
         msg = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except (ValueError, RecursionError):
-        raise Refused(POLICY, "malformed message: not JSON", "bad_message") from None
+        raise ClientRefused(POLICY, "malformed message: not JSON", "bad_message") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise Refused(POLICY, "malformed message: expected an object with a type", "bad_message")
+        raise ClientRefused(POLICY, "malformed message: expected an object with a type", "bad_message")
     if not _valid_strings(msg):
-        raise Refused(POLICY, "malformed message: invalid unicode", "bad_message")
+        raise ClientRefused(POLICY, "malformed message: invalid unicode", "bad_message")
     return msg
 
 
 def auth_message(msg: Mapping[str, Any]) -> tuple[str, int | None]:
-    """The token and the ``since`` of a first message, which must be ``auth``; raises :class:`Refused`."""
+    """The token and the ``since`` of a first message, which must be ``auth``; raises :class:`ClientRefused`."""
     if msg.get("type") != "auth":
-        raise Refused(POLICY, "expected an auth message first", "bad_message")
+        raise ClientRefused(POLICY, "expected an auth message first", "bad_message")
     since: int | None = None
     if msg.get("since") is not None:
         since = nonneg_int(msg["since"])
         if since is None:
-            raise Refused(POLICY, "malformed message: since must be a whole number", "bad_message")
+            raise ClientRefused(POLICY, "malformed message: since must be a whole number", "bad_message")
     token = msg.get("token")
     if not isinstance(token, str) or not token:
-        raise Refused(POLICY, "malformed message: token must be a string", "bad_message")
+        raise ClientRefused(POLICY, "malformed message: token must be a string", "bad_message")
     return token, since
 
 

@@ -45,7 +45,7 @@ from reactor.web.protocol import (
     POLICY,
     TRY_LATER,
     BadRequest,
-    Refused,
+    ClientRefused,
     auth_message,
     nonneg_int,
     parse,
@@ -161,8 +161,8 @@ class Sessions:
                 since = first_since if first_since is not None else since
                 if isinstance(ws, Connection) and not self.gate.authenticate(ws):
                     if ws.evicted:
-                        raise Refused(TRY_LATER, "too many unauthenticated connections", "unauthenticated")
-                    raise Refused(TRY_LATER, "too many clients", "too_many_clients")
+                        raise ClientRefused(TRY_LATER, "too many unauthenticated connections", "unauthenticated")
+                    raise ClientRefused(TRY_LATER, "too many clients", "too_many_clients")
             client = Client(ws, principal, bucket=TokenBucket(self.settings.request_rate,
                                                                  self.settings.request_burst))
             async with anyio.create_task_group() as tg:
@@ -170,7 +170,7 @@ class Sessions:
                 tg.start_soon(self._reader, client)
                 tg.start_soon(self._expiry, client)
                 tg.start_soon(self._session, client, since)
-        except Refused as exc:
+        except ClientRefused as exc:
             self.metrics.client_dropped(exc.metric)
             if exc.metric in LOGGED_REFUSALS:
                 self.refused(ws, exc.code, exc.reason, exc.metric)
@@ -206,18 +206,18 @@ class Sessions:
                         scope.cancel()
                 raw = await ws.recv()
         except TimeoutError:
-            raise Refused(POLICY, "authentication timeout: send {\"type\": \"auth\", \"token\": ...}",
+            raise ClientRefused(POLICY, "authentication timeout: send {\"type\": \"auth\", \"token\": ...}",
                            "auth") from None
         finally:
             if conn is not None:
                 conn.auth_scope = None
         if raw is None:  # pushed out by newer connections before it authenticated
-            raise Refused(TRY_LATER, "too many unauthenticated connections", "unauthenticated")
+            raise ClientRefused(TRY_LATER, "too many unauthenticated connections", "unauthenticated")
         token, since = auth_message(parse(raw))
         try:
             return await self.auth.authenticate(token), since
         except AuthError as exc:
-            raise Refused(POLICY, str(exc), "auth") from None
+            raise ClientRefused(POLICY, str(exc), "auth") from None
 
     async def _reader(self, c: Client) -> None:
         """What a client may send after authenticating: a fresh token for the same identity, or one of
@@ -230,7 +230,7 @@ class Sessions:
                     return
                 try:
                     msg = parse(raw)
-                except Refused as exc:
+                except ClientRefused as exc:
                     c.close(exc.code, exc.reason, exc.metric)
                     return
                 requests = self.requests

@@ -9,11 +9,11 @@ import pytest
 from websockets.datastructures import Headers
 
 from reactor.web.gate import Gate, TokenBucket
-from reactor.web.protocol import BadRequest, Refused, nonneg_int, parse, single_header
+from reactor.web.protocol import BadRequest, ClientRefused, nonneg_int, parse, single_header
 
 
-def refused(raw: str | bytes) -> Refused:
-    with pytest.raises(Refused) as info:
+def refused(raw: str | bytes) -> ClientRefused:
+    with pytest.raises(ClientRefused) as info:
         parse(raw)
     return info.value
 

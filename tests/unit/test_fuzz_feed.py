@@ -1,5 +1,5 @@
 """Property tests (Hypothesis) of everything a client sends the feed: its messages, its ``since``,
-and its tokens. The property: nothing escapes but the module's own refusal (``Refused`` from the
+and its tokens. The property: nothing escapes but the module's own refusal (``ClientRefused`` from the
 feed's parser, ``AuthError`` from the token check), and a refusal carries a short reason.
 
 Examples per test: the ``ci`` profile (200); ``HYPOTHESIS_PROFILE=many`` for a long run by hand
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from reactor.web import dashboard, wire
 from reactor.web.auth import Authenticator, AuthError, AuthSettings, Principal
-from reactor.web.protocol import Refused, auth_message, nonneg_int, parse
+from reactor.web.protocol import ClientRefused, auth_message, nonneg_int, parse
 
 SECRET = "fuzz-test-shared-secret-0123456789abcdef"
 AUTH = Authenticator(AuthSettings(jwt_secret=SECRET, audience="authenticated"))
@@ -130,7 +130,7 @@ def check_token(token: str) -> None:
 def test_parse_accepts_an_object_with_a_type_or_refuses(raw: str) -> None:
     try:
         msg = parse(raw)
-    except Refused as exc:
+    except ClientRefused as exc:
         assert exc.code in (1003, 1008) and exc.reason.startswith(("malformed message", "binary"))
         return
     assert isinstance(msg, dict) and isinstance(msg["type"], str)
@@ -143,7 +143,7 @@ def test_parse_accepts_an_object_with_a_type_or_refuses(raw: str) -> None:
 def test_parse_refuses_binary(raw: bytes) -> None:
     try:
         parse(raw)
-    except Refused as exc:
+    except ClientRefused as exc:
         assert exc.code == 1003
     else:
         raise AssertionError("binary accepted")
@@ -153,7 +153,7 @@ def test_parse_refuses_binary(raw: bytes) -> None:
 def test_an_auth_message_gives_a_token_and_a_seq_or_a_refusal(raw: str) -> None:
     try:
         token, since = auth_message(parse(raw))
-    except Refused as exc:
+    except ClientRefused as exc:
         assert exc.code in (1003, 1008) and exc.reason
         return
     assert isinstance(token, str) and token
