@@ -115,7 +115,7 @@ def _loop_options() -> dict[str, bool]:
 
 
 def _cmd_dev_orchestrator(args: argparse.Namespace, env: Environment) -> int:
-    from reactor.testing import orchestrator as devorch
+    from reactor.testing import serve as devorch
 
     return devorch.run_from_args(args)
 
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "($REACTOR_ALERT_WEBHOOK)")
     p.set_defaults(func=_cmd_run)
 
-    from reactor.testing import orchestrator as devorch
+    from reactor.testing import serve as devorch
 
     p = sub.add_parser("dev-orchestrator", help="run the orchestrator test double (for demos and tests)")
     devorch.add_arguments(p)
