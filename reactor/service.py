@@ -16,7 +16,6 @@ import os
 import secrets
 import signal
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,6 +31,7 @@ from reactor.db.store import Database
 from reactor.engine.dispatcher import Dispatcher, DispatchSettings
 from reactor.engine.listener import Listener
 from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
+from reactor.engine.sweeper import Sweeper
 from reactor.ops.actions import RunbookActions
 from reactor.ops.alerts import ALERTS as ALERT_NAMES
 from reactor.ops.alerts import Alerts, AlertSettings
@@ -126,10 +126,11 @@ class Service:
                                   feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)
         self.ready = anyio.Event()
         self.stopping = False
-        self._sweep_wake = anyio.Event()
-        self._sweep_knows_leases = False
         self._stop_requested = anyio.Event()
-        self.swept_total = 0
+        self.sweeper = Sweeper(self.db, every_s=settings.sweep_every_s, min_gap_s=settings.sweep_min_gap_s,
+                               grace_s=settings.timeout_grace_s, orphan_s=settings.orphan_after_s,
+                               limits_seen=self.dispatcher.limits_seen, want_claim=self.dispatcher.want_claim,
+                               recovered=self.metrics.sweep_recovered)
 
     def _new_feed(self, settings: FeedSettings, old: Feed | None = None) -> Feed:
         feed = Feed(settings, self.settings.dsn, metrics=self.metrics,
@@ -166,16 +167,17 @@ class Service:
         self.request_stop()
 
     @property
+    def swept_total(self) -> int:
+        """Jobs this reactor's sweep took back."""
+        return self.sweeper.swept_total
+
+    @property
     def reactor_id(self) -> str:
         return self.settings.reactor_id
 
     def _on_notice(self, notice: Notice) -> None:
         self.dispatcher.on_notice(notice)
-        if not self._sweep_knows_leases and notice.channel == "reactor_events" and (
-                notice.kind == "started" or notice.n > 1):
-            # the sweep slept with no lease to watch; work started somewhere: learn its lease
-            self._sweep_knows_leases = True
-            self._sweep_wake.set()
+        self.sweeper.on_notice(notice)
         if self.feed is not None:
             self.feed.on_notice(notice)
         if self.alerts is not None:
@@ -187,7 +189,7 @@ class Service:
             self.feed.on_connect()
         if self.alerts is not None:
             self.alerts.poke()
-        self._sweep_wake.set()
+        self.sweeper.wake()
 
     def _systemd_status(self) -> str:
         return describe(stopping=self.stopping, inflight=len(self.dispatcher.inflight),
@@ -217,7 +219,7 @@ class Service:
                 await tg.start(supervise, Part("listener", self.listener.run))  # each (re)start re-reads
                 if self.feed is not None:
                     await tg.start(supervise, Part("feed", self._run_feed, before_restart=self._renew_feed))
-                await tg.start(supervise, Part("sweeper", self._sweeper))
+                await tg.start(supervise, Part("sweeper", self.sweeper.run))
                 if self.settings.handle_signals:
                     tg.start_soon(self._signals)
                 if self.alerts is not None:
@@ -267,47 +269,3 @@ class Service:
                 else:
                     logger.warning("second signal: aborting renders in flight")
                     self.dispatcher.abort_all()
-
-    async def _sweeper(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Every sweep_every_s, and when a lease is due to expire: take back what died."""
-        s = self.settings
-        task_status.started()
-        while True:
-            started = time.monotonic()
-            next_at = started + s.sweep_every_s
-            # a wake-up that arrives while this sweep runs (work started after its snapshot) must
-            # not be lost: the event is replaced before the sweep, not after it
-            self._sweep_wake = anyio.Event()
-            try:
-                swept, wakeups = await self.db.sweep(s.timeout_grace_s, s.orphan_after_s)
-            except DatabaseUnavailable as exc:
-                logger.warning("sweep failed: %s", exc)
-                swept, wakeups = [], {}
-                next_at = time.monotonic() + min(5.0, s.sweep_every_s)
-            if "paused" in wakeups:
-                self.dispatcher.limits_seen(bool(wakeups["paused"]))  # a safety net for a lost notice
-            if swept:
-                self.dispatcher.want_claim()
-            for row in swept:
-                self.swept_total += 1
-                self.metrics.sweep_recovered(str(row["reason"]))
-                logger.warning(
-                    "job taken back by the sweep",
-                    extra={"job_id": str(row["id"]), "status": row["status"], "reason": row["reason"],
-                           "held_by": row["held_by"], "category": "TIMEOUT"},
-                )
-            expiry = wakeups.get("next_lease_expiry")
-            if not self._sweep_wake.is_set():  # else: woken meanwhile, and this answer may be stale
-                self._sweep_knows_leases = expiry is not None
-            if expiry is not None:
-                # a lease held by anyone (maybe a dead reactor) expires then: look right after
-                delta = (expiry - wakeups["db_now"]).total_seconds() + 0.5
-                next_at = min(next_at, time.monotonic() + max(1.0, delta))
-            with anyio.move_on_after(max(0.0, next_at - time.monotonic())):
-                await self._sweep_wake.wait()
-            # woken early (work started somewhere, the listener reconnected): a lease lasts lease_s,
-            # so learning of it within sweep_min_gap_s is soon enough. Sooner, each claim made while
-            # no lease was held woke a sweep (about a hundred a second at 100 jobs/s), and under a
-            # pinned MVCC horizon each sweep walks every job that went through processing since
-            await anyio.sleep(max(0.0, started + min(s.sweep_min_gap_s, s.sweep_every_s) - time.monotonic()))
-
