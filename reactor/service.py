@@ -22,7 +22,6 @@ from datetime import datetime
 
 import anyio
 from anyio.abc import TaskStatus
-from prometheus_client import Counter
 
 from reactor.core.errors import DatabaseUnavailable
 from reactor.core.notice import Notice
@@ -103,12 +102,8 @@ class Service:
                            circuit=lambda: (self.dispatcher.circuit.state,
                                             len(self.dispatcher.circuit.transitions)))
         # a part that fails is restarted (and counted); one that fails too often stops the reactor
-        restarts = Counter("reactor_part_restarts", "Times a part of this reactor was restarted after it "
-                           "failed unexpectedly.", ["part"], registry=self.metrics.registry)
-        for part in ("dispatcher", "listener", "sweeper"):
-            restarts.labels(part)
         self.parts = PartSupervisor(settings.restart, on_give_up=self._give_up,
-                                    on_restart=lambda name: restarts.labels(name).inc())
+                                    on_restart=self.metrics.part_restarted)
         self.feed: Feed | None = None
         if settings.feed is not None:
             self.feed = self._new_feed(settings.feed)

@@ -66,6 +66,11 @@ class Metrics:
         self.feed_dropped = Counter(
             "reactor_feed_clients_dropped", "Feed clients closed by the server, by reason.", ["reason"],
             registry=r)
+        self.part_restarts = Counter(
+            "reactor_part_restarts", "Times a part of this reactor was restarted after it failed unexpectedly.",
+            ["part"], registry=r)
+        for part in ("dispatcher", "listener", "sweeper"):
+            self.part_restarts.labels(part)
         for kind in ("admin", "user"):
             self.feed_clients.labels(kind)
         # start the series at 0, so that rate() sees the first increase
@@ -96,6 +101,9 @@ class Metrics:
         elif kind == "retrying" and category:  # without a category: released on drain, not a failure
             _observe_between(self.job_run.labels("retrying"), ev.get("started_at"), at)
             self.retries.labels(category).inc()
+
+    def part_restarted(self, part: str) -> None:
+        self.part_restarts.labels(part).inc()
 
     def sweep_recovered(self, reason: str) -> None:
         self.sweep_recoveries.labels(reason).inc()
