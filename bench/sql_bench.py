@@ -5,7 +5,7 @@ Usage::
 
     python3 bench/sql_bench.py [--quick] [--durable | --fast] [--dsn DSN]
 
-Without ``--dsn`` it starts a private PostgreSQL (``reactor.embedded.EmbeddedPostgres``) with
+Without ``--dsn`` it starts a private PostgreSQL (``reactor.db.embedded.EmbeddedPostgres``) with
 PostgreSQL's default durability (fsync and synchronous_commit on, as in production), or with
 ``FAST_SETTINGS`` (fsync off) under ``--fast``. With ``--dsn`` it works on that server instead.
 Either way it creates two fresh, migrated scratch databases and drops them at the end: one keeps
