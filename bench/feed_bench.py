@@ -242,8 +242,8 @@ def wait_ready(url: str, timeout: float = 60) -> None:
 def run(args: argparse.Namespace) -> int:
     import psycopg
 
-    from reactor.embedded import EmbeddedPostgres
-    from reactor.migrations import migrate_up
+    from reactor.db.embedded import EmbeddedPostgres
+    from reactor.db.migrations import migrate_up
 
     nofile = raise_fd_limit()
     if nofile < args.clients + 200:

@@ -22,10 +22,10 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reactor.devorch import OrchestratorDouble
-from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres
-from reactor.migrations import migrate_up
+from reactor.db.embedded import FAST_SETTINGS, EmbeddedPostgres
+from reactor.db.migrations import migrate_up
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
 
 
 async def offer(dsn: str, rate: float, stop: anyio.Event) -> int:

@@ -27,7 +27,7 @@ from pickup import http_json, pct
 from psycopg import sql
 from reactor_bench import ROOT, free_port, stop_processes, wait_http, wait_reactor_ready
 
-from reactor.embedded import EmbeddedPostgres
+from reactor.db.embedded import EmbeddedPostgres
 
 INSERT = "INSERT INTO jobs (job_type, payload) VALUES ('topic_short', %s) RETURNING id"
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from pickup import http_json, pct  # noqa: E402
 from reactor_bench import free_port, stop_processes, wait_http, wait_reactor_ready  # noqa: E402
 
-from reactor.embedded import EmbeddedPostgres, find_pg_bin  # noqa: E402
+from reactor.db.embedded import EmbeddedPostgres, find_pg_bin  # noqa: E402
 
 TABLES = ("jobs", "counters", "totals", "events", "event_stage", "pending_commits")
 INSERT_SQL = "INSERT INTO jobs (job_type, payload) VALUES ('topic_short', %s) RETURNING id"

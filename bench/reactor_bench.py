@@ -38,8 +38,8 @@ import bare_pickup  # noqa: E402
 import pickup  # noqa: E402
 from pickup import http_json  # noqa: E402
 
-from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres  # noqa: E402
-from reactor.migrations import migrate_up  # noqa: E402
+from reactor.db.embedded import FAST_SETTINGS, EmbeddedPostgres  # noqa: E402
+from reactor.db.migrations import migrate_up  # noqa: E402
 
 
 def free_port() -> int:

@@ -53,8 +53,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reactor.embedded import EmbeddedPostgres
-from reactor.migrations import migrate_up
+from reactor.db.embedded import EmbeddedPostgres
+from reactor.db.migrations import migrate_up
 from tests.support.cluster import (
     CHAOS_PG_SETTINGS,
     FATES,

@@ -5,7 +5,7 @@ Usage::
 
     python3 bench/sql_bench.py [--quick] [--durable | --fast] [--dsn DSN]
 
-Without ``--dsn`` it starts a private PostgreSQL (``reactor.embedded.EmbeddedPostgres``) with
+Without ``--dsn`` it starts a private PostgreSQL (``reactor.db.embedded.EmbeddedPostgres``) with
 PostgreSQL's default durability (fsync and synchronous_commit on, as in production), or with
 ``FAST_SETTINGS`` (fsync off) under ``--fast``. With ``--dsn`` it works on that server instead.
 Either way it creates two fresh, migrated scratch databases and drops them at the end: one keeps
@@ -462,7 +462,7 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         yield args.dsn, "given by --dsn"
         return
     sys.path.insert(0, str(REPO_ROOT))
-    from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres
+    from reactor.db.embedded import FAST_SETTINGS, EmbeddedPostgres
 
     settings = dict(FAST_SETTINGS) if args.fast else {}
     pg = EmbeddedPostgres(settings=settings)
@@ -478,7 +478,7 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
 def fresh_database(admin_dsn: str, suffix: str) -> Iterator[str]:
     """Create a scratch database, migrate it, yield its DSN, drop it."""
     sys.path.insert(0, str(REPO_ROOT))
-    from reactor.migrations import migrate_up
+    from reactor.db.migrations import migrate_up
 
     name = f"reactor_bench_{os.getpid()}_{suffix}"
     with psycopg.connect(admin_dsn, autocommit=True) as admin:

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from reactor.cli import main
+from reactor.cli.main import main
 
 raise SystemExit(main())

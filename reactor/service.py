@@ -2,9 +2,9 @@
 
 Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), the feed and probes
 (with ``--listen``: port bound), sweep; then ready. Each of these parts (and the alert loop and the
-systemd watchdog) runs under a :class:`~reactor.supervise.PartSupervisor`: one that fails is
+systemd watchdog) runs under a :class:`~reactor.engine.supervise.PartSupervisor`: one that fails is
 restarted with backoff and reported on ``/readyz``; one that fails too often stops the reactor, and
-``run`` raises :class:`~reactor.supervise.PartFailed` (reactor/supervise.py).
+``run`` raises :class:`~reactor.engine.supervise.PartFailed` (reactor/engine/supervise.py).
 SIGTERM (or SIGINT) drains: stop claiming, let renders finish within the grace period, abort and
 return the rest to the queue without spending a retry, exit 0. A second signal aborts at once.
 """
@@ -16,25 +16,29 @@ import os
 import secrets
 import signal
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import anyio
 from anyio.abc import TaskStatus
-from prometheus_client import Counter
 
-from reactor.alerts import ALERTS as ALERT_NAMES
-from reactor.alerts import Alerts, AlertSettings
-from reactor.db import TRANSIENT_ERRORS, Database
-from reactor.dispatch import Dispatcher, DispatchSettings
-from reactor.feed import Feed, FeedSettings
-from reactor.listener import Listener, Notice
-from reactor.metrics import Metrics
-from reactor.render import RenderClient
-from reactor.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
-from reactor.systemd import Notifier, Supervisor, describe
+from reactor.core.errors import DatabaseUnavailable
+from reactor.core.notice import Notice
+from reactor.db.alerts import AlertStore
+from reactor.db.store import Database
+from reactor.engine.dispatcher import Dispatcher, DispatchSettings
+from reactor.engine.listener import Listener
+from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
+from reactor.engine.sweeper import Sweeper
+from reactor.ops.actions import RunbookActions
+from reactor.ops.alerts import ALERTS as ALERT_NAMES
+from reactor.ops.alerts import Alerts, AlertSettings
+from reactor.ops.systemd import Notifier, Supervisor, SystemdSettings, describe
+from reactor.render.client import RenderClient
+from reactor.web.dashboard import Dashboard
+from reactor.web.feed import Feed, FeedSettings
+from reactor.web.metrics import Metrics
 
 __all__ = ["Service", "ServiceSettings", "new_reactor_id"]
 
@@ -45,8 +49,11 @@ def new_reactor_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServiceSettings:
+    """Everything a running reactor is told, built once (reactor/cli/settings.py builds it from the
+    arguments and the environment) and passed down: the parts read their own part of it."""
+
     dsn: str = field(repr=False)  # it may hold a password
     orchestrator_url: str = field(repr=False)  # it may hold credentials (sent as Basic authorization)
     reactor_id: str = field(default_factory=new_reactor_id)
@@ -62,13 +69,15 @@ class ServiceSettings:
     handle_signals: bool = True
     #: the live feed and HTTP probes (``--listen``); None: not served
     feed: FeedSettings | None = None
-    #: the fleet's alerts, evaluated here (reactor/alerts.py)
+    #: the fleet's alerts, evaluated here (reactor/ops/alerts.py)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener (or a required part) is
     #: down this long
     listener_grace_s: float = 120.0
-    #: restarting a part that failed, and when to give up (reactor/supervise.py)
+    #: restarting a part that failed, and when to give up (reactor/engine/supervise.py)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    #: what systemd passed the process ($NOTIFY_SOCKET, $WATCHDOG_USEC): none, unless run by systemd
+    systemd: SystemdSettings = field(default_factory=SystemdSettings)
 
 
 class Service:
@@ -93,39 +102,40 @@ class Service:
                            circuit=lambda: (self.dispatcher.circuit.state,
                                             len(self.dispatcher.circuit.transitions)))
         # a part that fails is restarted (and counted); one that fails too often stops the reactor
-        restarts = Counter("reactor_part_restarts", "Times a part of this reactor was restarted after it "
-                           "failed unexpectedly.", ["part"], registry=self.metrics.registry)
-        for part in ("dispatcher", "listener", "sweeper"):
-            restarts.labels(part)
         self.parts = PartSupervisor(settings.restart, on_give_up=self._give_up,
-                                    on_restart=lambda name: restarts.labels(name).inc())
+                                    on_restart=self.metrics.part_restarted)
         self.feed: Feed | None = None
         if settings.feed is not None:
             self.feed = self._new_feed(settings.feed)
         self.alerts: Alerts | None = None
         if settings.alerts.enabled:
-            self.alerts = Alerts(settings.alerts, self.db.pool, settings.reactor_id,
+            self.alerts = Alerts(settings.alerts, AlertStore(self.db.pool), settings.reactor_id,
                                  local_circuit=lambda: self.dispatcher.circuit.state,
                                  listener_connected=lambda: self.listener.connected)
         if self.alerts is not None:
             alerts = self.alerts
             self.metrics.watch(alerts_firing=lambda: alerts.firing, alert_names=ALERT_NAMES)
-        self.systemd = Supervisor(Notifier.from_environ(), status=self._systemd_status,
+        self.systemd = Supervisor(Notifier.from_settings(settings.systemd), status=self._systemd_status,
                                   listener_connected=lambda: self.listener.connected,
                                   parts_down=self.parts.down,
                                   feed_address=self._feed_address, listener_grace_s=settings.listener_grace_s)
         self.ready = anyio.Event()
         self.stopping = False
-        self._sweep_wake = anyio.Event()
-        self._sweep_knows_leases = False
         self._stop_requested = anyio.Event()
-        self.swept_total = 0
+        self.sweeper = Sweeper(self.db, every_s=settings.sweep_every_s, min_gap_s=settings.sweep_min_gap_s,
+                               grace_s=settings.timeout_grace_s, orphan_s=settings.orphan_after_s,
+                               limits_seen=self.dispatcher.limits_seen, want_claim=self.dispatcher.want_claim,
+                               recovered=self.metrics.sweep_recovered)
 
     def _new_feed(self, settings: FeedSettings, old: Feed | None = None) -> Feed:
-        return Feed(settings, self.settings.dsn, metrics=self.metrics,
+        feed = Feed(settings, self.settings.dsn, metrics=self.metrics,
                     authenticator=old.auth if old is not None else None,
                     listener_connected=lambda: self.listener.connected,
                     stopping=lambda: self.stopping, parts=self.parts.report)
+        # the admin dashboard: its page at /, its requests on the feed (reads through the feed's pool),
+        # the runbook's actions for its admins (the web layer does not import ops: they are given here)
+        feed.plug(Dashboard(feed.store, RunbookActions(self.settings.dsn)))
+        return feed
 
     async def _run_feed(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         assert self.feed is not None
@@ -152,16 +162,17 @@ class Service:
         self.request_stop()
 
     @property
+    def swept_total(self) -> int:
+        """Jobs this reactor's sweep took back."""
+        return self.sweeper.swept_total
+
+    @property
     def reactor_id(self) -> str:
         return self.settings.reactor_id
 
     def _on_notice(self, notice: Notice) -> None:
         self.dispatcher.on_notice(notice)
-        if not self._sweep_knows_leases and notice.channel == "reactor_events" and (
-                notice.kind == "started" or notice.n > 1):
-            # the sweep slept with no lease to watch; work started somewhere: learn its lease
-            self._sweep_knows_leases = True
-            self._sweep_wake.set()
+        self.sweeper.on_notice(notice)
         if self.feed is not None:
             self.feed.on_notice(notice)
         if self.alerts is not None:
@@ -173,7 +184,7 @@ class Service:
             self.feed.on_connect()
         if self.alerts is not None:
             self.alerts.poke()
-        self._sweep_wake.set()
+        self.sweeper.wake()
 
     def _systemd_status(self) -> str:
         return describe(stopping=self.stopping, inflight=len(self.dispatcher.inflight),
@@ -203,7 +214,7 @@ class Service:
                 await tg.start(supervise, Part("listener", self.listener.run))  # each (re)start re-reads
                 if self.feed is not None:
                     await tg.start(supervise, Part("feed", self._run_feed, before_restart=self._renew_feed))
-                await tg.start(supervise, Part("sweeper", self._sweeper))
+                await tg.start(supervise, Part("sweeper", self.sweeper.run))
                 if self.settings.handle_signals:
                     tg.start_soon(self._signals)
                 if self.alerts is not None:
@@ -237,7 +248,7 @@ class Service:
         try:
             with anyio.fail_after(5):
                 await self.db.unregister()
-        except (TimeoutError, *TRANSIENT_ERRORS) as exc:  # type: ignore[misc]
+        except (TimeoutError, DatabaseUnavailable) as exc:
             logger.warning("could not unregister: %s", exc)
         await self.render_client.aclose()
         await self.db.close()
@@ -253,47 +264,3 @@ class Service:
                 else:
                     logger.warning("second signal: aborting renders in flight")
                     self.dispatcher.abort_all()
-
-    async def _sweeper(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Every sweep_every_s, and when a lease is due to expire: take back what died."""
-        s = self.settings
-        task_status.started()
-        while True:
-            started = time.monotonic()
-            next_at = started + s.sweep_every_s
-            # a wake-up that arrives while this sweep runs (work started after its snapshot) must
-            # not be lost: the event is replaced before the sweep, not after it
-            self._sweep_wake = anyio.Event()
-            try:
-                swept, wakeups = await self.db.sweep(s.timeout_grace_s, s.orphan_after_s)
-            except TRANSIENT_ERRORS as exc:
-                logger.warning("sweep failed: %s", exc)
-                swept, wakeups = [], {}
-                next_at = time.monotonic() + min(5.0, s.sweep_every_s)
-            if "paused" in wakeups:
-                self.dispatcher.limits_seen(bool(wakeups["paused"]))  # a safety net for a lost notice
-            if swept:
-                self.dispatcher.want_claim()
-            for row in swept:
-                self.swept_total += 1
-                self.metrics.sweep_recovered(str(row["reason"]))
-                logger.warning(
-                    "job taken back by the sweep",
-                    extra={"job_id": str(row["id"]), "status": row["status"], "reason": row["reason"],
-                           "held_by": row["held_by"], "category": "TIMEOUT"},
-                )
-            expiry = wakeups.get("next_lease_expiry")
-            if not self._sweep_wake.is_set():  # else: woken meanwhile, and this answer may be stale
-                self._sweep_knows_leases = expiry is not None
-            if expiry is not None:
-                # a lease held by anyone (maybe a dead reactor) expires then: look right after
-                delta = (expiry - wakeups["db_now"]).total_seconds() + 0.5
-                next_at = min(next_at, time.monotonic() + max(1.0, delta))
-            with anyio.move_on_after(max(0.0, next_at - time.monotonic())):
-                await self._sweep_wake.wait()
-            # woken early (work started somewhere, the listener reconnected): a lease lasts lease_s,
-            # so learning of it within sweep_min_gap_s is soon enough. Sooner, each claim made while
-            # no lease was held woke a sweep (about a hundred a second at 100 jobs/s), and under a
-            # pinned MVCC horizon each sweep walks every job that went through processing since
-            await anyio.sleep(max(0.0, started + min(s.sweep_min_gap_s, s.sweep_every_s) - time.monotonic()))
-

@@ -1,4 +1,4 @@
--- Named queries of the live feed (reactor/feed.py). Parameters are %(name)s. Read-only.
+-- Named queries of the live feed (reactor/db/feed.py, for reactor/web/). Parameters are %(name)s. Read-only.
 
 -- name: feed_ping
 SELECT 1

@@ -1,4 +1,4 @@
--- Named queries of the runbook commands (reactor/ops.py). Parameters are %(name)s.
+-- Named queries of the runbook commands (reactor/ops/runbook.py). Parameters are %(name)s.
 -- The commands work on reactor.jobs directly: they run as the owner of the schema, like the reactor.
 
 -- name: set_actor
@@ -124,3 +124,25 @@ RETURNING id, job_type, priority, status, queue_position, renderer, user_id, pay
 
 -- name: server
 SELECT current_setting('server_version') AS version, current_user AS "user", current_database() AS database
+
+-- name: smoke_submit
+-- reactor smoke: one job submitted as users do (through the public view), high priority
+INSERT INTO jobs (job_type, priority, payload, max_retries)
+VALUES (%(job_type)s, 'high', %(payload)s, %(max_retries)s)
+RETURNING id, status, queue_position
+
+-- name: smoke_read
+SELECT id, status, queue_position, result, error_category, error_message, retry_count
+  FROM jobs WHERE id = %(id)s
+
+-- name: smoke_cancel
+UPDATE jobs SET status = 'cancelled' WHERE id = %(id)s AND status IN ('queued', 'processing')
+
+-- name: demo_submit
+-- reactor demo: a sample job, submitted with plain SQL as any client would
+INSERT INTO jobs (job_type, priority, payload) VALUES (%(job_type)s, %(priority)s, %(payload)s)
+RETURNING id, queue_position
+
+-- name: demo_summary
+SELECT queued, processing, completed, failed, round(avg_wait_seconds::numeric, 3) AS avg_wait_s
+  FROM get_queue_stats()

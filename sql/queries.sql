@@ -1,4 +1,4 @@
--- Named queries of the reactor, loaded once by reactor/db.py. Parameters are %(name)s.
+-- Named queries of the reactor, loaded once by reactor/db/store.py. Parameters are %(name)s.
 
 -- name: finish_and_claim
 SELECT * FROM reactor.finish_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,

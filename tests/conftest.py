@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from pytest_postgresql import factories
 
-from reactor.embedded import EmbeddedPostgres
-from reactor.migrations import migrate_up
+from reactor.db.embedded import EmbeddedPostgres
+from reactor.db.migrations import migrate_up
 from tests import hypothesis_profiles  # noqa: F401 - registers and loads the fuzz tests' profile
 
 

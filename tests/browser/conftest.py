@@ -23,11 +23,11 @@ import jwt
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from reactor.alerts import AlertSettings
-from reactor.auth import AuthSettings
-from reactor.devorch import OrchestratorDouble
-from reactor.feed import FeedSettings
+from reactor.ops.alerts import AlertSettings
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import FeedSettings
 from tests.support.reactors import FAST_DISPATCH, running_service
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from reactor.embedded import EmbeddedPostgres
-from reactor.migrations import migrate_up
+from reactor.db.embedded import EmbeddedPostgres
+from reactor.db.migrations import migrate_up
 from tests.support.cluster import CHAOS_PG_SETTINGS
 
 HERE = Path(__file__).resolve().parent

@@ -22,7 +22,7 @@ import anyio
 import httpx
 import pytest
 
-from reactor.embedded import EmbeddedPostgres
+from reactor.db.embedded import EmbeddedPostgres
 from tests.support.cluster import (
     Cluster,
     FeedWatcher,

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from reactor.embedded import EmbeddedPostgres
+from reactor.db.embedded import EmbeddedPostgres
 from tests.chaos.test_faults import burst, notify_flood_scenario, set_limit
 from tests.support.cluster import FeedWatcher, held_by, insert_jobs, kill_listeners, running_cluster, verify
 from tests.support.processes import REPO, until

@@ -21,7 +21,7 @@ import anyio
 import psycopg
 import pytest
 
-from reactor.embedded import EmbeddedPostgres
+from reactor.db.embedded import EmbeddedPostgres
 from tests.support.cluster import (
     FeedWatcher,
     check_feed,

@@ -21,11 +21,13 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from reactor.alerts import ALERTS, Alerts, AlertSettings, Figures, decide, measure, settings_from
-from reactor.db import connect_kwargs
-from reactor.devorch import OrchestratorDouble
-from reactor.errors import ConfigError
+from reactor.core.environment import Environment
+from reactor.core.errors import ConfigError
+from reactor.db.alerts import AlertStore
+from reactor.db.store import connect_kwargs
+from reactor.ops.alerts import ALERTS, Alerts, AlertSettings, Figures, decide, measure, settings_from
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -130,7 +132,7 @@ def insert_jobs(db: psycopg.Connection[Any], n: int) -> None:
 
 def alert_records(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "reactor.alerts" and r.getMessage().startswith(("alert firing: " + name,
+            if r.name == "reactor.ops.alerts" and r.getMessage().startswith(("alert firing: " + name,
                                                                           "alert resolved: " + name))]
 
 
@@ -151,12 +153,12 @@ def test_hysteresis_fires_above_and_resolves_at_80_percent() -> None:
 
 
 def test_webhook_setting_comes_from_the_option_or_the_environment() -> None:
-    assert settings_from(None, {}).webhook_url is None
-    assert settings_from(None, {"REACTOR_ALERT_WEBHOOK": "https://hooks.example/x"}).webhook_url == (
-        "https://hooks.example/x")
-    assert settings_from("http://a:1/b", {"REACTOR_ALERT_WEBHOOK": "https://x/"}).webhook_url == "http://a:1/b"
+    hook = Environment.read({"REACTOR_ALERT_WEBHOOK": "https://hooks.example/x"})
+    assert settings_from(None, Environment.read({})).webhook_url is None
+    assert settings_from(None, hook).webhook_url == "https://hooks.example/x"
+    assert settings_from("http://a:1/b", hook).webhook_url == "http://a:1/b"
     with pytest.raises(ConfigError, match="--alert-webhook"):
-        settings_from("hooks.example/x", {})
+        settings_from("hooks.example/x", Environment.read({}))
 
 
 # -- end to end -----------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_webhook_setting_comes_from_the_option_or_the_environment() -> None:
 async def test_queue_depth_fires_while_paused_and_resolves_on_resume_once_each(
     dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="reactor.alerts")
+    caplog.set_level(logging.INFO, logger="reactor.ops.alerts")
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0, alert_queue_depth = 3")
     with webhook() as hook:
         async with (
@@ -203,7 +205,7 @@ async def test_queue_depth_fires_while_paused_and_resolves_on_resume_once_each(
 async def test_two_reactors_send_each_transition_once(
     dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="reactor.alerts")
+    caplog.set_level(logging.INFO, logger="reactor.ops.alerts")
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0, alert_queue_depth = 3")
     racing = replace(FAST_ALERTS, every_s=0.05)
     with webhook() as hook:
@@ -284,7 +286,7 @@ async def test_render_farm_unreachable_counts_live_reactors_only(dsn: str, db: p
                "heartbeat_at) VALUES ('dead', 'h', 3, '0', 'open', now() - interval '1 hour', "
                "now() - interval '10 minutes')")
     async with pool(dsn) as p:
-        alerts = Alerts(AlertSettings(), p, "evaluator")
+        alerts = Alerts(AlertSettings(), AlertStore(p), "evaluator")
         [t] = await alerts.evaluate() or []
         assert (t.name, t.status) == ("render_farm_unreachable", "firing")
         assert 360 <= t.value < 400 and t.threshold == 300
@@ -306,7 +308,7 @@ async def test_an_idle_fleet_skips_evaluations_until_something_happens(
     dsn: str, db: psycopg.Connection[Any],
 ) -> None:
     async with pool(dsn) as p:
-        alerts = Alerts(AlertSettings(), p, "evaluator")
+        alerts = Alerts(AlertSettings(), AlertStore(p), "evaluator")
         assert not alerts.may_skip(), "the first evaluation always runs"
         assert await alerts.evaluate() == []
         assert alerts.may_skip(), "nothing queued, firing or open: the next rounds cost nothing"

@@ -13,9 +13,9 @@ import anyio
 import psycopg
 import pytest
 
-from reactor.circuit import CLOSED, HALF_OPEN, OPEN
-from reactor.devorch import OrchestratorDouble
+from reactor.core.circuit import CLOSED, HALF_OPEN, OPEN
 from reactor.service import Service
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.reactors import FAST_DISPATCH, running_reactor, wait_for
 
 pytestmark = pytest.mark.anyio

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from reactor.cli import main
-from reactor.migrations import discover, migrate_down
-from reactor.ops import transaction_pooler_reason
+from reactor.cli.main import main
+from reactor.db.migrations import discover, migrate_down
+from reactor.ops.checks import transaction_pooler_reason
 
 Conn = psycopg.Connection[Any]
 
@@ -606,7 +606,7 @@ def test_check_fails_with_pending_migrations_and_an_unreachable_database(
     ],
 )
 def test_transaction_pooler_reason(dsn: str, pooled: bool) -> None:
-    assert (transaction_pooler_reason(dsn, env={}) is not None) is pooled
+    assert (transaction_pooler_reason(dsn) is not None) is pooled
 
 
 # -- as a process ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from reactor.devorch import OrchestratorDouble
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.integration.test_feed import USER_A, USER_B, feed_reactor, http_base, insert, recv, token, url
 
 pytestmark = pytest.mark.anyio

@@ -30,6 +30,6 @@ def test_demo_runs_jobs_end_to_end() -> None:
         assert done and int(done.group(1)) > 0, out[-3000:]
     finally:
         subprocess.run([sys.executable, "-c", (
-            "import sys; from pathlib import Path; from reactor.embedded import EmbeddedPostgres; "
+            "import sys; from pathlib import Path; from reactor.db.embedded import EmbeddedPostgres; "
             "EmbeddedPostgres(Path(sys.argv[1])).destroy()"), str(base / "embedded")], cwd=REPO, check=False)
         subprocess.run(["rm", "-rf", str(base)], check=False)

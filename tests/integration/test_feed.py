@@ -22,12 +22,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from reactor.auth import AuthSettings
-from reactor.devorch import OrchestratorDouble
-from reactor.embedded import EmbeddedPostgres
-from reactor.feed import FeedSettings
-from reactor.migrations import migrate_up
+from reactor.db.embedded import EmbeddedPostgres
+from reactor.db.migrations import migrate_up
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import FeedSettings
 from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +68,7 @@ async def feed_reactor(dsn: str, orchestrator_url: str, *, reactor_id: str | Non
         feed=replace(FEED, **feed),
     )
     if reactor_id:
-        settings.reactor_id = reactor_id
+        settings = replace(settings, reactor_id=reactor_id)
     async with running_service(Service(settings)) as service:
         yield service
 

@@ -20,10 +20,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from reactor.auth import AuthSettings
-from reactor.feed import Feed, FeedSettings
-from reactor.logs import KeyValueFormatter
+from reactor.core.logs import KeyValueFormatter
+from reactor.ops.actions import RunbookActions
 from reactor.service import ServiceSettings
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import Feed, FeedSettings
 from tests.integration.test_feed import (
     SECRET,
     USER_A,
@@ -45,7 +46,7 @@ ORCHESTRATOR = "http://127.0.0.1:9"  # nothing renders in these tests: the feed 
 
 
 class _Lines(logging.Handler):
-    """Each record formatted as the reactor writes it, when it is logged (reactor.logs' formatter: the
+    """Each record formatted as the reactor writes it, when it is logged (reactor.core.logs' formatter: the
     one that hides secrets)."""
 
     def __init__(self) -> None:
@@ -79,7 +80,7 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "reactor.feed" and r.msg.startswith("feed client refused")]
+    return [r for r in caplog.records if r.name == "reactor.web.session" and r.msg.startswith("feed client refused")]
 
 
 def assert_clean_log(caplog: pytest.LogCaptureFixture, refused: int | None = 1) -> None:
@@ -372,8 +373,8 @@ async def test_secrets_stay_out_of_reprs_logs_and_answers(
             assert (await closed_with(bad))[:2] == (1008, "bad signature")
         # a failed connection, logged: the URL form, where libpq reads the host as "t-pw@127.0.0.1"
         url_dsn = f"postgresql://{info.user}:{PASSWORD}@127.0.0.1:{info.port}/{info.dbname}"
-        broken = Feed(replace_dsn(svc.settings), url_dsn)
-        answer = await anyio.to_thread.run_sync(broken._requests._run, "pause", None, {}, "admin:test")
+        Feed(replace_dsn(svc.settings), url_dsn)  # a feed for this DSN: its password is a secret from now on
+        answer = await anyio.to_thread.run_sync(RunbookActions(url_dsn).run, "pause", None, {}, "admin:test")
         assert answer == {"error": "database unavailable"}
         with pytest.raises(psycopg.Error) as failed:
             psycopg.connect(url_dsn, connect_timeout=2)

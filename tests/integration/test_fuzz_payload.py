@@ -20,10 +20,10 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reactor.db import Database
-from reactor.migrations import migrate_down, migrate_up
-from reactor.models import Outcome
-from reactor.policy import InvalidPayload, build_request
+from reactor.core.models import Outcome
+from reactor.core.policy import InvalidPayload, build_request
+from reactor.db.migrations import migrate_down, migrate_up
+from reactor.db.store import Database
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from reactor.devorch import OrchestratorDouble
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.integration.test_feed import bearer, feed_reactor, http_base, recv, token, url
 from tests.support.reactors import wait_for
 

@@ -13,10 +13,10 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from reactor.cli import main
-from reactor.embedded import EmbeddedPostgres
-from reactor.errors import MigrationError
-from reactor.migrations import applied_versions, discover, migrate_down, migrate_up
+from reactor.cli.main import main
+from reactor.core.errors import MigrationError
+from reactor.db.embedded import EmbeddedPostgres
+from reactor.db.migrations import applied_versions, discover, migrate_down, migrate_up
 
 # Every user-visible catalog object, by name and kind. OIDs are kept apart (see ``snapshot``):
 # they differ between two creations of the same object, so they are compared only where the

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from reactor.db import Database
+from reactor.db.store import Database
 
 Conn = psycopg.Connection[Any]
 

@@ -18,10 +18,10 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from reactor.devorch import OrchestratorDouble
-from reactor.migrations import discover, migrate_down, migrate_up
-from reactor.models import ClaimedJob, Outcome
+from reactor.core.models import ClaimedJob, Outcome
+from reactor.db.migrations import discover, migrate_down, migrate_up
 from reactor.service import Service, ServiceSettings
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.processes import until
 from tests.support.reactors import FAST_DISPATCH, running_reactor, wait_for
 

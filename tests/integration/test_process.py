@@ -20,9 +20,9 @@ import anyio
 import psycopg
 import pytest
 
-from reactor.devorch import OrchestratorDouble
-from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres
-from reactor.migrations import migrate_up
+from reactor.db.embedded import FAST_SETTINGS, EmbeddedPostgres
+from reactor.db.migrations import migrate_up
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.processes import (
     Conn,
     ReactorProcess,
@@ -291,7 +291,7 @@ async def test_reactor_survives_a_postgres_restart(mode: str, record_property: R
         if mode == "fast":
             assert renders.count(before) == 1, renders
         else:
-            # the reactor commits asynchronously (reactor/db.py): a crash may lose the last few hundred
+            # the reactor commits asynchronously (reactor/db/store.py): a crash may lose the last few hundred
             # ms of its commits, here maybe the first job's outcome, which is then rendered again
             assert renders.count(before) in (1, 2), renders
             record_property("restart_immediate_rerendered", renders.count(before) - 1)

@@ -11,7 +11,7 @@ import anyio
 import psycopg
 import pytest
 
-from reactor.devorch import OrchestratorDouble
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.processes import until
 from tests.support.reactors import running_reactor, wait_for
 
@@ -279,7 +279,7 @@ async def test_a_wake_up_during_a_sweep_is_not_lost(dsn: str, db: psycopg.Connec
             return result
 
         service.db.sweep = held_sweep  # type: ignore[method-assign,assignment]
-        service._sweep_wake.set()  # sweep now (the start-up sweep saw no lease)
+        service.sweeper.wake()  # sweep now (the start-up sweep saw no lease)
         await until(lambda: bool(sweeps), "the first sweep", timeout=20)
         job_id = insert(db, "topic_short")
         await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (job_id,), expect=lambda s: s == "processing")
@@ -288,7 +288,7 @@ async def test_a_wake_up_during_a_sweep_is_not_lost(dsn: str, db: psycopg.Connec
         gate.set()
         await until(lambda: len(sweeps) >= 2, "the second sweep", timeout=10)  # not the next regular one, 30 s on
         assert sweeps[1] - released < 10
-        assert service._sweep_knows_leases
+        assert service.sweeper.knows_leases
 
 
 async def test_a_claim_on_its_way_when_the_stop_comes_is_not_left_held(dsn: str, db: psycopg.Connection[Any]) -> None:

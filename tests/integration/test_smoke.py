@@ -8,8 +8,8 @@ import anyio
 import psycopg
 import pytest
 
-from reactor.devorch import OrchestratorDouble
-from reactor.smoke import SmokeFailed, SmokeSettings, run_smoke
+from reactor.ops.smoke import SmokeFailed, SmokeSettings, run_smoke
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.reactors import running_reactor
 
 pytestmark = pytest.mark.anyio

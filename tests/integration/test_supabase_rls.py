@@ -25,10 +25,10 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from reactor.cli import main
-from reactor.embedded import EmbeddedPostgres
-from reactor.migrations import applied_versions, discover, migrate_up
-from reactor.sqlfiles import sql_dir
+from reactor.cli.main import main
+from reactor.db.embedded import EmbeddedPostgres
+from reactor.db.migrations import applied_versions, discover, migrate_up
+from reactor.db.sqlfiles import sql_dir
 from tests.integration.test_migrations import snapshot
 
 ROLES = ("anon", "authenticated", "service_role")

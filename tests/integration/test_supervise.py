@@ -20,12 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from reactor.auth import AuthSettings
-from reactor.devorch import OrchestratorDouble
-from reactor.feed import FeedSettings
-from reactor.listener import Notice
+from reactor.core.notice import Notice
+from reactor.engine.supervise import PartFailed, RestartPolicy, describe_error
 from reactor.service import Service, ServiceSettings
-from reactor.supervise import PartFailed, RestartPolicy, describe_error
+from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web.auth import AuthSettings
+from reactor.web.feed import FeedSettings
 from tests.support.processes import PATIENCE_S, jobs_state, reactor_process, until
 from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
 
@@ -54,7 +54,8 @@ def settings(dsn: str, orchestrator_url: str, restart: RestartPolicy, *, feed: b
 
 
 def failures_logged(caplog: pytest.LogCaptureFixture, part: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "reactor.supervise" and r.getMessage().startswith(f"{part} failed")]
+    return [r for r in caplog.records
+            if r.name == "reactor.engine.supervise" and r.getMessage().startswith(f"{part} failed")]
 
 
 async def test_a_failed_listener_is_restarted_and_readyz_says_so(
@@ -183,14 +184,14 @@ async def test_a_failed_feed_is_restarted_on_the_same_port(dsn: str, db: Conn) -
         assert old is not None and old.port is not None
         port = old.port
         # the feed's pump raises on its next read of the events
-        rows = old._store.rows
+        rows = old.store.rows
 
         async def events_fail(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
             if name == "feed_events":
                 raise RuntimeError("injected: the pump broke")
             return await rows(name, *args, **kwargs)
 
-        old._store.rows = events_fail  # type: ignore[method-assign]
+        old.store.rows = events_fail  # type: ignore[method-assign]
         insert(db)  # a notification wakes the pump
         await until(lambda: svc.parts.restarts("feed") == 1 and svc.parts.states()["feed"] == "running",
                     "the feed to be restarted", timeout=PATIENCE_S)

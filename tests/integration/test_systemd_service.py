@@ -24,7 +24,7 @@ import httpx
 import psycopg
 import pytest
 
-from reactor.devorch import OrchestratorDouble
+from reactor.testing.orchestrator import OrchestratorDouble
 from tests.support.reactors import wait_for
 from tests.unit.test_systemd import NotifyReceiver
 

@@ -19,9 +19,9 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from reactor.devorch import OrchestratorDouble
-from reactor.errors import ConfigError
-from reactor.feed import tls_context
+from reactor.core.errors import ConfigError
+from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web.feed import tls_context
 from tests.integration.test_feed import bearer, feed_reactor, recv, token
 
 pytestmark = pytest.mark.anyio
@@ -81,7 +81,7 @@ def test_tls_needs_both_files_and_readable_ones(tmp_path: Path) -> None:
 async def test_plain_http_beyond_loopback_is_announced(
     dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="reactor.feed")
+    caplog.set_level(logging.WARNING, logger="reactor.web.feed")
     async with OrchestratorDouble() as orch, feed_reactor(dsn, orch.url, host="0.0.0.0"):
         pass
     assert any("serving plain HTTP on 0.0.0.0" in r.getMessage() for r in caplog.records)

@@ -82,7 +82,7 @@ from psycopg.rows import dict_row
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from reactor.embedded import FAST_SETTINGS, EmbeddedPostgres
+from reactor.db.embedded import FAST_SETTINGS, EmbeddedPostgres
 from tests.support.processes import (
     PATIENCE_S,
     REPO,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import anyio
 import psycopg
 
-from reactor.dispatch import DispatchSettings
+from reactor.engine.dispatcher import DispatchSettings
 from reactor.service import Service, ServiceSettings
 
 FAST_DISPATCH = DispatchSettings(
@@ -34,7 +35,7 @@ async def running_reactor(
         sweep_every_s=sweep_every_s,
     )
     if reactor_id:
-        settings.reactor_id = reactor_id
+        settings = replace(settings, reactor_id=reactor_id)
     async with running_service(Service(settings, clock=clock)) as service:
         yield service
 

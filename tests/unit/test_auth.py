@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from reactor.auth import (
+from reactor.core.errors import ConfigError
+from reactor.web.auth import (
     Authenticator,
     AuthError,
     AuthSettings,
@@ -28,7 +29,6 @@ from reactor.auth import (
     load_jwks,
     principal_from_claims,
 )
-from reactor.errors import ConfigError
 
 SECRET = "unit-test-shared-secret-0123456789abcdef"
 USER = str(uuid.uuid4())

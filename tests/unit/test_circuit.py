@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from reactor.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from reactor.core.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 
 def breaker(threshold: int = 3) -> CircuitBreaker:

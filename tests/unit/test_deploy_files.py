@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reactor.cli import build_parser
+from reactor.cli.main import build_parser
 from reactor.service import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,12 +186,12 @@ def test_promtool_test_rules() -> None:
 
 
 def test_prometheus_rules_use_metrics_the_reactor_exports() -> None:
-    """Every reactor_* series the rules read is one reactor/metrics.py defines (or, for
+    """Every reactor_* series the rules read is one reactor/web/metrics.py defines (or, for
     reactor_circuit_open, one it is expected to define: the test says which are missing)."""
     rules = (DEPLOY / "prometheus-alerts.yml").read_text()
     used = {re.sub(r"_(sum|count|bucket)$", "", m) for m in re.findall(r"\b(reactor_[a-z_]+)", rules)}
-    source = (REPO / "reactor" / "metrics.py").read_text()
+    source = (REPO / "reactor" / "web" / "metrics.py").read_text()
     defined = set(re.findall(r'"(reactor_[a-z_]+)"', source))
     defined |= {f"{name}_total" for name in defined}  # prometheus_client adds _total to counters
     missing = sorted(used - defined - {"reactor_circuit_open"})
-    assert not missing, f"the rules read series reactor/metrics.py does not export: {missing}"
+    assert not missing, f"the rules read series reactor/web/metrics.py does not export: {missing}"

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import reactor
-from reactor.devorch import OrchestratorDouble, parse_mix
+from reactor.testing.orchestrator import OrchestratorDouble, parse_mix
 
 pytestmark = pytest.mark.anyio
 
@@ -472,7 +472,7 @@ async def test_keep_alive_pipelining_and_connection_close_over_a_raw_socket() ->
 async def test_module_entry_point_serves_until_sigterm() -> None:
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    command = [sys.executable, "-m", "reactor.devorch", "--port", "0", "--latency-ms", "1"]
+    command = [sys.executable, "-m", "reactor.testing.serve", "--port", "0", "--latency-ms", "1"]
     async with await anyio.open_process(command, env=env) as process:
         assert process.stdout is not None
         try:

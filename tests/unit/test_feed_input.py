@@ -8,20 +8,13 @@ import json
 import pytest
 from websockets.datastructures import Headers
 
-from reactor.feed import (
-    _BadRequest,
-    _Gate,
-    _nonneg_int,
-    _parse,
-    _Refused,
-    _single_header,
-    _TokenBucket,
-)
+from reactor.web.gate import Gate, TokenBucket
+from reactor.web.protocol import BadRequest, ClientRefused, nonneg_int, parse, single_header
 
 
-def refused(raw: str | bytes) -> _Refused:
-    with pytest.raises(_Refused) as info:
-        _parse(raw)
+def refused(raw: str | bytes) -> ClientRefused:
+    with pytest.raises(ClientRefused) as info:
+        parse(raw)
     return info.value
 
 
@@ -29,8 +22,8 @@ def refused(raw: str | bytes) -> _Refused:
 
 
 def test_a_plain_message_parses() -> None:
-    assert _parse('{"type": "auth", "token": "t", "since": 3}') == {"type": "auth", "token": "t", "since": 3}
-    assert _parse('{"type": "job", "id": "x", "request_id": "é😀", "n": 1.5}')["request_id"] == "é😀"
+    assert parse('{"type": "auth", "token": "t", "since": 3}') == {"type": "auth", "token": "t", "since": 3}
+    assert parse('{"type": "job", "id": "x", "request_id": "é😀", "n": 1.5}')["request_id"] == "é😀"
 
 
 @pytest.mark.parametrize("raw", [
@@ -47,7 +40,7 @@ def test_deep_nesting_is_refused_before_parsing(raw: str) -> None:
 
 
 def test_brackets_inside_strings_do_not_count() -> None:
-    assert _parse(json.dumps({"type": "job", "id": "[" * 5000}))["id"] == "[" * 5000
+    assert parse(json.dumps({"type": "job", "id": "[" * 5000}))["id"] == "[" * 5000
 
 
 @pytest.mark.parametrize("raw", [
@@ -71,7 +64,7 @@ def test_lone_surrogates_are_refused(raw: str) -> None:
 
 
 def test_a_surrogate_pair_is_fine() -> None:
-    assert _parse('{"type": "job", "request_id": "\\ud83d\\ude00"}')["request_id"] == "😀"
+    assert parse('{"type": "job", "request_id": "\\ud83d\\ude00"}')["request_id"] == "😀"
 
 
 @pytest.mark.parametrize("raw", ["", "hello", "[]", "1", '"auth"', '{"type": 1}', '{"kind": "auth"}', "{'type': 1}"])
@@ -91,12 +84,12 @@ def test_binary_is_unsupported_data() -> None:
     True, None, [1], {"a": 1},
 ])
 def test_since_must_be_a_whole_number_in_ascii(value: object) -> None:
-    assert _nonneg_int(value) is None
+    assert nonneg_int(value) is None
 
 
 @pytest.mark.parametrize(("value", "expected"), [(0, 0), (12, 12), ("12", 12), ("0", 0), (2**62 - 1, 2**62 - 1)])
 def test_since_accepted(value: object, expected: int) -> None:
-    assert _nonneg_int(value) == expected
+    assert nonneg_int(value) == expected
 
 
 # -- d. headers -------------------------------------------------------------------------------------
@@ -104,17 +97,17 @@ def test_since_accepted(value: object, expected: int) -> None:
 
 def test_a_header_twice_is_a_bad_request() -> None:
     headers = Headers([("Origin", "https://a.example"), ("origin", "https://b.example")])
-    with pytest.raises(_BadRequest, match="more than one Origin header"):
-        _single_header(headers, "Origin")
-    assert _single_header(Headers([("Authorization", "Bearer x")]), "Authorization") == "Bearer x"
-    assert _single_header(Headers(), "Authorization") is None
+    with pytest.raises(BadRequest, match="more than one Origin header"):
+        single_header(headers, "Origin")
+    assert single_header(Headers([("Authorization", "Bearer x")]), "Authorization") == "Bearer x"
+    assert single_header(Headers(), "Authorization") is None
 
 
 # -- e. the gate -----------------------------------------------------------------------------------
 
 
 def test_the_oldest_unauthenticated_connection_makes_room() -> None:
-    gate: _Gate[str] = _Gate(max_clients=2, max_unauthenticated=3)
+    gate: Gate[str] = Gate(max_clients=2, max_unauthenticated=3)
     assert [gate.opened(c) for c in "abc"] == [None, None, None]
     assert gate.opened("d") == "a"  # the oldest, who had the longest to sign in
     assert gate.unauthenticated == 3
@@ -134,7 +127,7 @@ def test_the_oldest_unauthenticated_connection_makes_room() -> None:
 
 
 def test_a_connection_closed_while_its_token_is_checked_is_not_counted() -> None:
-    gate: _Gate[str] = _Gate(max_clients=5, max_unauthenticated=5)
+    gate: Gate[str] = Gate(max_clients=5, max_unauthenticated=5)
     gate.opened("a")
     gate.closed("a")
     assert not gate.authenticate("a")
@@ -145,7 +138,7 @@ def test_a_connection_closed_while_its_token_is_checked_is_not_counted() -> None
 
 
 def test_the_bucket_allows_a_burst_then_the_rate() -> None:
-    bucket = _TokenBucket(rate=20.0, burst=40)
+    bucket = TokenBucket(rate=20.0, burst=40)
     assert all(bucket.take(0.0) for _ in range(40))
     assert not bucket.take(0.0)
     assert bucket.take(0.0625)  # one more every 50 ms
@@ -156,7 +149,7 @@ def test_the_bucket_allows_a_burst_then_the_rate() -> None:
 
 
 def test_the_bucket_ignores_a_clock_going_back() -> None:
-    bucket = _TokenBucket(rate=1.0, burst=1)
+    bucket = TokenBucket(rate=1.0, burst=1)
     assert bucket.take(10.0)
     assert not bucket.take(5.0)
     assert not bucket.take(5.5)
@@ -166,21 +159,24 @@ def test_the_bucket_ignores_a_clock_going_back() -> None:
 # -- settings ----------------------------------------------------------------------------------------
 
 
-def test_the_feed_flags_reach_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reactor.cli import _feed_settings, build_parser
-    from reactor.feed import FeedSettings
+def test_the_feed_flags_reach_its_settings() -> None:
+    from reactor.cli.main import build_parser
+    from reactor.cli.settings import feed_settings
+    from reactor.core.environment import Environment
+    from reactor.web.feed import FeedSettings
 
-    monkeypatch.setenv("REACTOR_JWT_SECRET", "cli-secret-0123456789abcdef-0123456789")
+    env = Environment.read({"REACTOR_JWT_SECRET": "cli-secret-0123456789abcdef-0123456789"})
+    assert "cli-secret" not in repr(env)
     args = build_parser().parse_args([
         "run", "--listen", "127.0.0.1:0", "--max-clients", "600", "--max-unauthenticated", "50",
         "--request-rate", "5", "--request-burst", "10",
     ])
-    settings = _feed_settings(args)
-    assert isinstance(settings, FeedSettings)
+    settings = feed_settings(args, env)
+    assert isinstance(settings, FeedSettings) and settings.auth.jwt_secret == env.jwt_secret
     assert (settings.max_clients, settings.unauthenticated_limit) == (600, 50)
     assert (settings.request_rate, settings.request_burst) == (5.0, 10)
     assert "cli-secret" not in repr(settings)
-    defaults = _feed_settings(build_parser().parse_args(["run", "--listen", ":0"]))
+    defaults = feed_settings(build_parser().parse_args(["run", "--listen", ":0"]), env)
     assert isinstance(defaults, FeedSettings)
     assert (defaults.max_clients, defaults.unauthenticated_limit) == (1000, 500)
     assert (defaults.request_rate, defaults.request_burst) == (20.0, 40)
@@ -190,9 +186,9 @@ def test_the_feed_flags_reach_its_settings(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize("bad", [{"max_clients": 0}, {"max_unauthenticated": 0}, {"request_rate": 0.0},
                                  {"request_burst": 0}])
 def test_nonsense_feed_limits_fail_fast(bad: dict[str, object]) -> None:
-    from reactor.auth import AuthSettings
-    from reactor.errors import ConfigError
-    from reactor.feed import FeedSettings
+    from reactor.core.errors import ConfigError
+    from reactor.web.auth import AuthSettings
+    from reactor.web.feed import FeedSettings
 
     with pytest.raises(ConfigError, match="must be"):
         FeedSettings(auth=AuthSettings(jwt_secret="x" * 32), **bad)  # type: ignore[arg-type]

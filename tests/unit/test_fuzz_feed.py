@@ -1,5 +1,5 @@
 """Property tests (Hypothesis) of everything a client sends the feed: its messages, its ``since``,
-and its tokens. The property: nothing escapes but the module's own refusal (``_Refused`` from the
+and its tokens. The property: nothing escapes but the module's own refusal (``ClientRefused`` from the
 feed's parser, ``AuthError`` from the token check), and a refusal carries a short reason.
 
 Examples per test: the ``ci`` profile (200); ``HYPOTHESIS_PROFILE=many`` for a long run by hand
@@ -20,9 +20,9 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from reactor import dashboard
-from reactor.auth import Authenticator, AuthError, AuthSettings, Principal
-from reactor.feed import _auth_message, _nonneg_int, _parse, _Refused
+from reactor.web import dashboard, wire
+from reactor.web.auth import Authenticator, AuthError, AuthSettings, Principal
+from reactor.web.protocol import ClientRefused, auth_message, nonneg_int, parse
 
 SECRET = "fuzz-test-shared-secret-0123456789abcdef"
 AUTH = Authenticator(AuthSettings(jwt_secret=SECRET, audience="authenticated"))
@@ -129,21 +129,21 @@ def check_token(token: str) -> None:
 @example('{"type": "job", "request_id": "\\udfff"}')
 def test_parse_accepts_an_object_with_a_type_or_refuses(raw: str) -> None:
     try:
-        msg = _parse(raw)
-    except _Refused as exc:
+        msg = parse(raw)
+    except ClientRefused as exc:
         assert exc.code in (1003, 1008) and exc.reason.startswith(("malformed message", "binary"))
         return
     assert isinstance(msg, dict) and isinstance(msg["type"], str)
     # whatever it accepts can be sent back (the dashboard echoes request_id)
-    rid = dashboard._request_id(msg.get("request_id"))
-    dashboard.dumps({"type": msg["type"], "request_id": rid, "echo": msg})
+    rid = dashboard.request_id(msg.get("request_id"))
+    wire.dumps({"type": msg["type"], "request_id": rid, "echo": msg})
 
 
 @given(st.binary(max_size=100))
 def test_parse_refuses_binary(raw: bytes) -> None:
     try:
-        _parse(raw)
-    except _Refused as exc:
+        parse(raw)
+    except ClientRefused as exc:
         assert exc.code == 1003
     else:
         raise AssertionError("binary accepted")
@@ -152,8 +152,8 @@ def test_parse_refuses_binary(raw: bytes) -> None:
 @given(messages())
 def test_an_auth_message_gives_a_token_and_a_seq_or_a_refusal(raw: str) -> None:
     try:
-        token, since = _auth_message(_parse(raw))
-    except _Refused as exc:
+        token, since = auth_message(parse(raw))
+    except ClientRefused as exc:
         assert exc.code in (1003, 1008) and exc.reason
         return
     assert isinstance(token, str) and token
@@ -165,7 +165,7 @@ def test_an_auth_message_gives_a_token_and_a_seq_or_a_refusal(raw: str) -> None:
 @example("１２")
 @example("²")
 def test_since_is_a_whole_number_in_ascii_digits_or_none(value: object) -> None:
-    since = _nonneg_int(value)
+    since = nonneg_int(value)
     assert since is None or (type(since) is int and 0 <= since < 2**62)
     if isinstance(value, str) and since is not None:
         assert value.isascii() and value.isdigit()

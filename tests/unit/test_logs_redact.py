@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from reactor.logs import KeyValueFormatter, add_secret, dsn_secrets, redact
+from reactor.core.logs import KeyValueFormatter, add_secret, dsn_secrets, redact
 
 
 @pytest.mark.parametrize(("text", "secret"), [
@@ -44,7 +44,7 @@ def test_the_part_of_a_password_libpq_takes_for_a_host() -> None:
 
 def test_log_lines_hide_them_in_the_message_and_the_fields() -> None:
     record = logging.makeLogRecord({
-        "name": "reactor.feed", "levelname": "WARNING", "levelno": logging.WARNING,
+        "name": "reactor.web.feed", "levelname": "WARNING", "levelno": logging.WARNING,
         "msg": "cannot connect to %s", "args": ("postgresql://u:p@ss@h/db",),
         "dsn": "host=h password=p@ss",
     })

@@ -7,8 +7,8 @@ from uuid import uuid4
 
 import pytest
 
-from reactor.models import ClaimedJob
-from reactor.policy import (
+from reactor.core.models import ClaimedJob
+from reactor.core.policy import (
     InvalidPayload,
     backoff_seconds,
     build_request,

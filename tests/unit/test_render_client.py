@@ -12,10 +12,10 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from reactor.devorch import OrchestratorDouble
-from reactor.errors import RenderError
-from reactor.models import RenderRequest
-from reactor.render import MAX_ANSWER_BYTES, RenderClient
+from reactor.core.errors import RenderError
+from reactor.core.models import RenderRequest
+from reactor.render.client import MAX_ANSWER_BYTES, RenderClient
+from reactor.testing.orchestrator import OrchestratorDouble
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ import anyio
 import pytest
 from anyio.abc import TaskStatus
 
-from reactor.errors import ReactorError
-from reactor.supervise import (
+from reactor.core.errors import ReactorError
+from reactor.engine.supervise import (
     Part,
     PartFailed,
     PartSupervisor,
@@ -109,7 +109,7 @@ class Flaky:
 
 
 async def test_a_failed_part_is_restarted_and_reported(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="reactor.supervise")
+    caplog.set_level(logging.INFO, logger="reactor.engine.supervise")
     flaky = Flaky(2)
     restarted: list[str] = []
     resets: list[int] = []
@@ -128,7 +128,7 @@ async def test_a_failed_part_is_restarted_and_reported(caplog: pytest.LogCapture
     assert restarted == ["sweeper", "sweeper"] and sup.restarts("sweeper") == 2
     assert resets == [1, 2]  # before each restart, never before the first start
     assert sup.gave_up is None
-    failures = [r for r in caplog.records if r.name == "reactor.supervise"]
+    failures = [r for r in caplog.records if r.name == "reactor.engine.supervise"]
     assert [r.getMessage() for r in failures] == [
         "sweeper failed unexpectedly: restart 1 in 0.2 s", "sweeper failed unexpectedly: restart 2 in 0.2 s"]
     assert all(r.levelno == logging.ERROR and r.exc_info and r.exc_info[0] is ValueError for r in failures)
@@ -136,7 +136,7 @@ async def test_a_failed_part_is_restarted_and_reported(caplog: pytest.LogCapture
 
 
 async def test_a_part_that_cannot_stay_up_gives_up(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="reactor.supervise")
+    caplog.set_level(logging.INFO, logger="reactor.engine.supervise")
     flaky = Flaky(100)
     gave_up: list[PartFailed] = []
     sup = PartSupervisor(RestartPolicy(base_s=0.01, cap_s=0.01, give_up_after=3, window_s=60),
@@ -154,7 +154,7 @@ async def test_a_part_that_cannot_stay_up_gives_up(caplog: pytest.LogCaptureFixt
         tg.cancel_scope.cancel()
     assert flaky.starts == 3  # given up: not started again
     assert sup.gave_up is gave_up[0] and gave_up[0].part == "listener" and gave_up[0].failures == 3
-    last = [r for r in caplog.records if r.name == "reactor.supervise"][-1]
+    last = [r for r in caplog.records if r.name == "reactor.engine.supervise"][-1]
     assert last.getMessage() == "listener failed 3 times within 60 s: giving up, the reactor stops"
     assert last.exc_info is not None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from reactor.systemd import Notifier, Supervisor, describe
+from reactor.ops.systemd import Notifier, Supervisor, describe
 
 pytestmark = pytest.mark.anyio
 

@@ -17,14 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reactor.db import sanitize_json
-from reactor.dispatch import Reaction, notice_reaction
-from reactor.errors import RenderError
-from reactor.listener import Notice, parse_notice
-from reactor.models import ClaimedJob, RenderRequest, RenderResult, Undecodable
-from reactor.pgtypes import lenient_loads, payload_loads
-from reactor.policy import MAX_PAYLOAD_DEPTH, InvalidPayload, build_request, nested_deeper_than
-from reactor.render import _read_answer
+from reactor.core.errors import RenderError
+from reactor.core.models import ClaimedJob, RenderRequest, RenderResult, Undecodable
+from reactor.core.notice import Notice, parse_notice
+from reactor.core.policy import MAX_PAYLOAD_DEPTH, InvalidPayload, build_request, nested_deeper_than
+from reactor.db.pgtypes import lenient_loads, payload_loads
+from reactor.db.store import sanitize_json
+from reactor.engine.decisions import Reaction, notice_reaction
+from reactor.render.client import _read_answer
 
 ACTOR = "reactor:me"
 CHANNELS = ["reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet", "other"]

@@ -1,0 +1,1 @@
+"""The orchestrator client: one HTTP/1.1 ``POST /render`` per attempt, answers mapped to categories."""
