@@ -32,6 +32,8 @@
 -- * get_queue_stats() looks for the oldest queued job from the claims' cursors (0008) on; from the
 --   head of the queued indexes it walked every job claimed since the horizon (the alert loop's
 --   statement went from 9 to 164 ms over the 10 minutes).
+-- * a queued job whose created_at or renderer is changed by hand is an event, so the claims'
+--   cursors are lowered for it (before, one moved behind a cursor was never claimed).
 
 DROP INDEX reactor.jobs_processing_idx;
 CREATE INDEX jobs_lease_idx ON reactor.jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
@@ -179,6 +181,46 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            l.max_renders, l.max_manim, l.peak, l.paused,
            c.last_seq, now()
     FROM reactor.counters c, oldest, started, finished, reactor.effective_limits(now()) l
+$$;
+
+-- A queued job moved in the queue by hand (an older created_at, the other renderer's queue) could
+-- land behind a claim cursor (0008) with nothing to lower it, and wait forever: the move is now an
+-- event ('reprioritized': its place changed), and the commit lowers the cursors for it like for any
+-- job that becomes queued. Under the Supabase hardening (1001) the function stays its owner's.
+CREATE OR REPLACE FUNCTION reactor.stage_updates() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO reactor.event_stage
+        (job_id, kind, status, old_status, priority, old_priority, job_type, renderer, user_id,
+         retry_count, error_category, actor)
+    SELECT n.id,
+           CASE
+               WHEN n.status IS NOT DISTINCT FROM o.status THEN 'reprioritized'
+               WHEN n.status = 'processing' THEN 'started'
+               WHEN n.status = 'queued' AND o.status = 'processing' THEN 'retrying'
+               WHEN n.status = 'queued' THEN 'requeued'
+               ELSE n.status
+           END,
+           n.status, o.status, n.priority, o.priority, n.job_type, n.renderer, n.user_id,
+           n.retry_count, n.error_category, reactor.current_actor()
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status OR n.priority IS DISTINCT FROM o.priority
+       -- a queued job moved in the queue by hand: its place (and the claims' cursors) change too
+       OR (n.status = 'queued' AND (n.created_at IS DISTINCT FROM o.created_at
+                                    OR n.renderer IS DISTINCT FROM o.renderer))
+    ORDER BY n.job_no;
+    IF FOUND THEN
+        INSERT INTO reactor.pending_commits VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001) THEN
+        ALTER FUNCTION reactor.stage_updates() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+    END IF;
+END
 $$;
 
 INSERT INTO reactor.schema_migrations (version, name) VALUES (9, 'lease_floor');

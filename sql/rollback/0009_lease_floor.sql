@@ -116,4 +116,37 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     FROM reactor.counters c, oldest, started, finished, reactor.effective_limits(now()) l
 $$;
 
+CREATE OR REPLACE FUNCTION reactor.stage_updates() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO reactor.event_stage
+        (job_id, kind, status, old_status, priority, old_priority, job_type, renderer, user_id,
+         retry_count, error_category, actor)
+    SELECT n.id,
+           CASE
+               WHEN n.status IS NOT DISTINCT FROM o.status THEN 'reprioritized'
+               WHEN n.status = 'processing' THEN 'started'
+               WHEN n.status = 'queued' AND o.status = 'processing' THEN 'retrying'
+               WHEN n.status = 'queued' THEN 'requeued'
+               ELSE n.status
+           END,
+           n.status, o.status, n.priority, o.priority, n.job_type, n.renderer, n.user_id,
+           n.retry_count, n.error_category, reactor.current_actor()
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status OR n.priority IS DISTINCT FROM o.priority
+    ORDER BY n.job_no;
+    IF FOUND THEN
+        INSERT INTO reactor.pending_commits VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001) THEN
+        ALTER FUNCTION reactor.stage_updates() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+    END IF;
+END
+$$;
+
 DELETE FROM reactor.schema_migrations WHERE version = 9;
