@@ -1,0 +1,231 @@
+-- 0010_positions: queue positions at any depth, exact, stored in no row.
+--
+-- Apply with `reactor migrate --dsn DSN`, or by hand:
+--     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/migrations/0010_positions.sql
+-- Roll back with `reactor migrate --dsn DSN --down --to 9` (sql/rollback/0010_positions.sql).
+-- Never edit this file once released: add a new numbered migration instead.
+--
+-- Until now jobs.queue_position was 1 + a count of the queued jobs ahead, taken for each row read.
+-- One job's position cost O(position); the whole queue in position order (the old system's
+-- `SELECT ... FROM jobs WHERE status = 'queued' ORDER BY queue_position`, a PostgREST
+-- `?order=queue_position`) cost O(n^2): at 100,000 queued it did not finish in 150 s.
+--
+-- Now a position is 1 + the jobs queued in higher priorities + the jobs of its own priority ahead of
+-- it, and everything a statement needs for that is read once per statement, not once per row:
+--
+--   * each queued job has a key, reactor.queue_key(priority_rank, created_at, job_no): one uuid whose
+--     byte order is the queue's order (priority, then created_at, then job_no), held by a partial
+--     index of the queued jobs (jobs_queue_key_idx);
+--   * how many jobs are queued at each priority comes from the newest reactor.totals row, plus what
+--     this transaction itself changed and has not journalled yet (its rows in reactor.event_stage):
+--     exactly what the statement sees, in O(1), and exact as long as the totals are (every path that
+--     changes a job keeps them: tests/integration/test_totals_concurrency.py);
+--   * the keys of the first and the last 64 queued jobs of each priority, with their positions: one
+--     sorted array, read once per statement. A job among them (the head of the queue, "you are
+--     3rd", and a job just inserted, at the tail) finds its position by a binary search
+--     (width_bucket) in it;
+--   * the keys of every queued job of one priority, in order, read only when a statement asks for a
+--     job deeper than that (once per statement and priority, O(that priority's jobs)); the job's
+--     place among its own priority is again a binary search.
+--
+-- Each of these is an uncorrelated subquery of the view, so PostgreSQL computes it at most once per
+-- statement and only when a row needs it (an InitPlan, evaluated on first use); the per-row work is
+-- a key and one or two binary searches, inlined (reactor.queue_position_at). One job's position costs
+-- well under a millisecond near either end of its priority and O(its priority's depth) in the
+-- middle; the whole queue in position order costs O(n log n). Nothing is written when a job is
+-- queued or leaves the queue, beyond the index entry of its key.
+--
+-- The functions that read the queue run as their owner (SECURITY DEFINER): under the Supabase
+-- hardening a user reads only their own jobs, and a position counts everyone's. They are executable
+-- by anyone who can read jobs: besides the counts per priority (which reactor.queue_position()
+-- already gave), they reveal the created_at of queued jobs, nothing else about them.
+--
+-- reactor.queue_position(smallint, timestamptz, bigint) (the count) stays for callers outside; the
+-- view no longer uses it.
+
+-- The key packs 1 byte of priority_rank, the 8 bytes of created_at (its sign bit flipped so that
+-- bytes sort like the time, infinities included) and the low 7 bytes of job_no, big-endian: uuids
+-- compare as bytes, so keys compare like (priority_rank, created_at, job_no) for any job_no below
+-- 2^56 (the identity starts at 1 and would need over 2,000 years at a million jobs a second).
+ALTER TABLE reactor.jobs ADD CONSTRAINT "jobs.job_no must be between 1 and 2^56 - 1 (queue keys hold 7 bytes of it)"
+    CHECK (job_no BETWEEN 1 AND 72057594037927935);
+
+CREATE FUNCTION reactor.queue_key(p_rank smallint, p_created timestamptz, p_no bigint) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT encode(set_byte(substr(int2send(p_rank), 2) || timestamptz_send(p_created) || substr(int8send(p_no), 2),
+                           1, get_byte(timestamptz_send(p_created), 0) # 128), 'hex')::uuid
+$$;
+COMMENT ON FUNCTION reactor.queue_key(smallint, timestamptz, bigint) IS
+    'A queued job''s place in the queue as one uuid: keys sort like (priority_rank, created_at, job_no).';
+
+CREATE INDEX jobs_queue_key_idx ON reactor.jobs (reactor.queue_key(priority_rank, created_at, job_no))
+    INCLUDE (priority_rank, created_at, job_no) WHERE status = 'queued';
+
+-- How many jobs are queued at each priority (high, medium, low), as the calling statement sees them:
+-- the newest totals row it can see, plus this transaction's changes that are staged but not yet
+-- journalled (the journal adds them to the totals at commit).
+CREATE FUNCTION reactor.queue_counts() RETURNS bigint[]
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- plpgsql rather than sql: its plan is kept for the session, not made again by every statement
+    RETURN (
+        SELECT ARRAY[t.queued_high + s.high, t.queued_medium + s.medium, t.queued_low + s.low]
+          FROM (SELECT * FROM reactor.totals ORDER BY id DESC LIMIT 1) t,
+               (SELECT count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'high')
+                     - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'high') AS high,
+                       count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'medium')
+                     - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'medium') AS medium,
+                       count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'low')
+                     - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'low') AS low
+                  FROM reactor.event_stage e
+                 WHERE e.xid = pg_current_xact_id_if_assigned()) s);
+END
+$$;
+COMMENT ON FUNCTION reactor.queue_counts() IS
+    'Jobs queued at priority high, medium, low as this statement sees them (newest totals + own staged changes).';
+
+-- For each priority: how many jobs are queued in the priorities above it.
+CREATE FUNCTION reactor.queue_above() RETURNS bigint[]
+LANGUAGE sql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ARRAY[0, n[1], n[1] + n[2]] FROM reactor.queue_counts() n
+$$;
+
+-- The keys of every queued job of one priority, in queue order.
+CREATE FUNCTION reactor.queue_band_keys(p_rank smallint) RETURNS uuid[]
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN ARRAY(
+        SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) FROM reactor.jobs j
+         WHERE j.status = 'queued'
+           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= reactor.queue_key(p_rank, '-infinity', 0)
+           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no)
+               < reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0)
+         ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no));
+END
+$$;
+COMMENT ON FUNCTION reactor.queue_band_keys(smallint) IS
+    'Keys (reactor.queue_key) of every queued job of one priority rank, in queue order.';
+
+-- The ends of the queue: for each priority, the keys of its first and its last p_each queued jobs
+-- (all of them when it has at most 2 * p_each), in queue order, as one sorted array. How many come
+-- from each end depends on the counts alone, so that reactor.queue_ends_positions() can number them
+-- without reading them. A priority with at most p_each jobs is read from its tail only: its live
+-- jobs come after the entries that jobs which left the queue leave at its head.
+CREATE FUNCTION reactor.queue_ends_keys(p_each integer) RETURNS uuid[]
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n    bigint[] := reactor.queue_counts();
+    keys uuid[] := '{}';
+    r    integer;
+    lo   uuid;
+    hi   uuid;
+BEGIN
+    FOR r IN 0..2 LOOP
+        CONTINUE WHEN n[r + 1] <= 0;
+        lo := reactor.queue_key(r::smallint, '-infinity', 0);
+        hi := reactor.queue_key((r + 1)::smallint, '-infinity', 0);
+        IF n[r + 1] > p_each THEN
+            keys := keys || ARRAY(
+                SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) FROM reactor.jobs j
+                 WHERE j.status = 'queued'
+                   AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
+                   AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
+                 ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no)
+                 LIMIT least(n[r + 1] - p_each, p_each));
+        END IF;
+        keys := keys || ARRAY(
+            SELECT t.k FROM (
+                SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) AS k FROM reactor.jobs j
+                 WHERE j.status = 'queued'
+                   AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
+                   AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
+                 ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no) DESC
+                 LIMIT least(n[r + 1], p_each)) t
+             ORDER BY t.k);
+    END LOOP;
+    RETURN keys;
+END
+$$;
+COMMENT ON FUNCTION reactor.queue_ends_keys(integer) IS
+    'Keys of the first and last p_each queued jobs of each priority, in queue order (see queue_ends_positions).';
+
+-- The positions that go with reactor.queue_ends_keys(p_each), shifted by one: element i + 1 is the
+-- position of key i, and element 1 is 0 (nothing ahead). NULL after the last key read from the head
+-- of a priority that has jobs between its two ends: those are not in the keys.
+CREATE FUNCTION reactor.queue_ends_positions(p_each integer) RETURNS bigint[]
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n     bigint[] := reactor.queue_counts();
+    pos   bigint[] := '{0}';
+    above bigint := 0;
+    m     bigint;
+    head  bigint;
+    tail  bigint;
+    r     integer;
+BEGIN
+    FOR r IN 0..2 LOOP
+        m := greatest(n[r + 1], 0);
+        head := least(greatest(m - p_each, 0), p_each);
+        tail := least(m, p_each);
+        pos := pos || ARRAY(SELECT above + i FROM generate_series(1, head) i);
+        IF head + tail < m THEN
+            pos[cardinality(pos)] := NULL;
+        END IF;
+        pos := pos || ARRAY(SELECT above + m - tail + i FROM generate_series(1, tail) i);
+        above := above + m;
+    END LOOP;
+    RETURN pos;
+END
+$$;
+COMMENT ON FUNCTION reactor.queue_ends_positions(integer) IS
+    'Positions of the keys of queue_ends_keys(p_each), shifted by one (element 1 is 0); NULL where jobs lie between.';
+
+-- A queued job's position from what the statement read once: its key's place among the ends, or
+-- else among the keys of its priority after the jobs queued above it. Inlined into the view: each
+-- array is used once, so the ones a row does not need are never read (for a job at either end, only
+-- the ends). "Ahead of the job" is "at or before job_no - 1", which holds for a job the statement
+-- cannot see itself (an INSERT's or UPDATE's RETURNING) as for one it can.
+CREATE FUNCTION reactor.queue_position_at(p_rank smallint, p_created timestamptz, p_no bigint,
+                                          p_ends uuid[], p_ends_positions bigint[], p_above bigint[],
+                                          p_high uuid[], p_medium uuid[], p_low uuid[])
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT 1 + coalesce(
+        p_ends_positions[1 + width_bucket(reactor.queue_key(p_rank, p_created, p_no - 1), p_ends)],
+        p_above[p_rank + 1] + width_bucket(reactor.queue_key(p_rank, p_created, p_no - 1),
+                                           CASE p_rank WHEN 0 THEN p_high WHEN 1 THEN p_medium ELSE p_low END))
+$$;
+COMMENT ON FUNCTION reactor.queue_position_at(smallint, timestamptz, bigint, uuid[], bigint[], bigint[], uuid[], uuid[], uuid[]) IS
+    'A queued job''s position from the arrays public.jobs reads once per statement (see migration 0010).';
+
+CREATE OR REPLACE VIEW public.jobs WITH (security_invoker = true) AS
+SELECT j.id,
+       j.job_type,
+       j.priority,
+       j.status,
+       j.payload,
+       j.result,
+       j.user_id,
+       j.renderer,
+       CASE WHEN j.status = 'queued'
+            THEN reactor.queue_position_at(j.priority_rank, j.created_at, j.job_no,
+                     (SELECT reactor.queue_ends_keys(64)), (SELECT reactor.queue_ends_positions(64)),
+                     (SELECT reactor.queue_above()),
+                     (SELECT reactor.queue_band_keys(0::smallint)), (SELECT reactor.queue_band_keys(1::smallint)),
+                     (SELECT reactor.queue_band_keys(2::smallint))) END AS queue_position,
+       j.retry_count,
+       j.max_retries,
+       j.error_message,
+       j.error_category,
+       j.error_details,
+       j.created_at,
+       j.updated_at,
+       j.started_at,
+       j.completed_at,
+       j.run_after,
+       j.attempt,
+       j.locked_by,
+       j.lease_expires_at
+FROM reactor.jobs j;
+
+INSERT INTO reactor.schema_migrations (version, name) VALUES (10, 'positions');
