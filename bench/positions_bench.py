@@ -31,7 +31,7 @@ completed while a REPEATABLE READ transaction pinned the MVCC horizon (what a pg
 Bounds (issue 19), for the after side: all positions in order <= 2 s; one position p99 <= 20 ms;
 INSERT p50 <= 10 ms and every checked RETURNING position right; and with the finished jobs added,
 none of the three (listing time, position p50, INSERT p50) moves by more than 20%. Exit status 1
-when one fails. About 6 minutes in full (loading the finished jobs is most of it), 1 with --quick.
+when one fails. About 7 minutes in full (loading the finished jobs is much of it), 1 with --quick.
 """
 
 from __future__ import annotations
