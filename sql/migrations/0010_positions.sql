@@ -63,22 +63,28 @@ CREATE INDEX jobs_queue_key_idx ON reactor.jobs (reactor.queue_key(priority_rank
 
 -- How many jobs are queued at each priority (high, medium, low), as the calling statement sees them:
 -- the newest totals row it can see, plus this transaction's changes that are staged but not yet
--- journalled (the journal adds them to the totals at commit).
+-- journalled (the journal adds them to the totals at commit). A transaction without an xid has
+-- changed nothing, and does not read the staging table (unlogged: a hot standby cannot read it).
 CREATE FUNCTION reactor.queue_counts() RETURNS bigint[]
 LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me xid8 := pg_current_xact_id_if_assigned();
+    n  bigint[];
 BEGIN
-    -- plpgsql rather than sql: its plan is kept for the session, not made again by every statement
-    RETURN (
-        SELECT ARRAY[t.queued_high + s.high, t.queued_medium + s.medium, t.queued_low + s.low]
-          FROM (SELECT * FROM reactor.totals ORDER BY id DESC LIMIT 1) t,
-               (SELECT count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'high')
-                     - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'high') AS high,
-                       count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'medium')
-                     - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'medium') AS medium,
-                       count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'low')
-                     - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'low') AS low
-                  FROM reactor.event_stage e
-                 WHERE e.xid = pg_current_xact_id_if_assigned()) s);
+    -- plpgsql rather than sql: its plans are kept for the session, not made again by every statement
+    SELECT ARRAY[t.queued_high, t.queued_medium, t.queued_low] INTO n
+      FROM reactor.totals t ORDER BY t.id DESC LIMIT 1;
+    IF me IS NOT NULL THEN
+        SELECT ARRAY[n[1] + count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'high')
+                          - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'high'),
+                     n[2] + count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'medium')
+                          - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'medium'),
+                     n[3] + count(*) FILTER (WHERE e.status = 'queued' AND e.priority = 'low')
+                          - count(*) FILTER (WHERE e.old_status = 'queued' AND coalesce(e.old_priority, e.priority) = 'low')]
+          INTO n
+          FROM reactor.event_stage e WHERE e.xid = me;
+    END IF;
+    RETURN n;
 END
 $$;
 COMMENT ON FUNCTION reactor.queue_counts() IS
