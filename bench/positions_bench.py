@@ -11,8 +11,8 @@ bd72430 by default: positions counted per row) and "after" (this tree's), one da
 also holds ``--finished`` completed jobs a month old. The queued jobs are 20% high, 50% medium, 30%
 low priority, a third of them Manim renders, created over the last hour.
 
-Figures, each side's two databases sampled in alternating blocks so that load from elsewhere on the
-machine falls on both alike:
+Figures, the four databases sampled in alternating blocks so that load from elsewhere on the machine
+falls on all alike:
 
 * all positions in order: ``SELECT id, priority, status, queue_position, created_at FROM jobs
   WHERE status = 'queued' ORDER BY queue_position``, every row fetched, best of 3 (checked against a
@@ -37,6 +37,7 @@ when one fails. About 7 minutes in full (loading the finished jobs is much of it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -200,49 +201,59 @@ def timeout(conn: Conn, seconds: float) -> Iterator[None]:
         conn.execute("RESET statement_timeout")
 
 
-def alternate(pair: list[tuple[Conn, Figures]], n: int, one: Callable[[Conn, Figures, int], None]) -> None:
-    """``one(conn, figures, i)`` for i in 0..n-1 on each database, in alternating blocks."""
+@dataclass
+class Db:
+    """One database under measurement: its connection, its queue in order (the recount), its figures."""
+
+    conn: Conn
+    oracle: list[uuid.UUID]
+    fig: Figures
+
+
+def alternate(dbs: list[Db], n: int, one: Callable[[Db, int], None]) -> None:
+    """``one(db, i)`` for i in 0..n-1 on each database, in alternating blocks."""
     for start in range(0, n, BLOCK):
-        for conn, fig in pair:
+        for db in dbs:
             for i in range(start, min(n, start + BLOCK)):
-                one(conn, fig, i)
+                one(db, i)
 
 
-def measure_listing(pair: list[tuple[Conn, Figures]], oracle: list[uuid.UUID], plan: Plan, limit_s: float) -> None:
+def measure_listing(dbs: list[Db], plan: Plan, limit_s: float) -> None:
     for _ in range(plan.list_rounds):
-        for conn, fig in pair:
+        for db in dbs:
+            fig = db.fig
             if fig.list_timeout_s is not None:
                 continue
-            with timeout(conn, limit_s):
+            with timeout(db.conn, limit_s):
                 t = time.perf_counter()
                 try:
-                    rows = conn.execute(LIST_SQL).fetchall()
+                    rows = db.conn.execute(LIST_SQL).fetchall()
                 except psycopg.errors.QueryCanceled:
                     fig.list_timeout_s = limit_s
                     continue
                 fig.list_s.append(time.perf_counter() - t)
-            fig.list_right = fig.list_right and [r[0] for r in rows] == oracle and [
-                r[3] for r in rows] == list(range(1, len(oracle) + 1))
+            fig.list_right = fig.list_right and [r[0] for r in rows] == db.oracle and [
+                r[3] for r in rows] == list(range(1, len(db.oracle) + 1))
 
 
-def measure_positions(pair: list[tuple[Conn, Figures]], oracle: list[uuid.UUID], plan: Plan) -> None:
-    n = len(oracle)
+def measure_positions(dbs: list[Db], plan: Plan) -> None:
+    n = len(dbs[0].oracle)
     picks = [min(n - 1, (2 * i + 1) * n // (2 * plan.ids)) for i in range(plan.ids)]
 
-    def one(conn: Conn, fig: Figures, i: int) -> None:
+    def one(db: Db, i: int) -> None:
         place = picks[i]
         t = time.perf_counter()
-        row = conn.execute(POSITION_SQL, (oracle[place],)).fetchone()
-        fig.position_ms.append(time.perf_counter() - t)
-        fig.positions_right = fig.positions_right and row == (place + 1,)
+        row = db.conn.execute(POSITION_SQL, (db.oracle[place],)).fetchone()
+        db.fig.position_ms.append(time.perf_counter() - t)
+        db.fig.positions_right = db.fig.positions_right and row == (place + 1,)
 
-    for conn, _ in pair:  # warm-up, not recorded
+    for db in dbs:  # warm-up, not recorded
         for i in range(plan.warmup):
-            conn.execute(POSITION_SQL, (oracle[picks[i * len(picks) // plan.warmup]],)).fetchone()
-    alternate(pair, plan.ids, one)
+            db.conn.execute(POSITION_SQL, (db.oracle[picks[i * len(picks) // plan.warmup]],)).fetchone()
+    alternate(dbs, plan.ids, one)
 
 
-def measure_inserts(pair: list[tuple[Conn, Figures]], plan: Plan) -> None:
+def measure_inserts(dbs: list[Db], plan: Plan) -> None:
     kinds = [(job_type, priority) for priority in ("high", "medium", "low", "medium", "low")
              for job_type in ("doubt", "topic_short", "daily_ca")]
 
@@ -253,47 +264,48 @@ def measure_inserts(pair: list[tuple[Conn, Figures]], plan: Plan) -> None:
         assert row is not None and row[1] == "queued"
         return row[0], int(row[2])
 
-    def one(conn: Conn, fig: Figures, i: int) -> None:
+    def one(db: Db, i: int) -> None:
         t = time.perf_counter()
-        job_id, position = insert(conn, i)
-        fig.insert_ms.append(time.perf_counter() - t)
+        job_id, position = insert(db.conn, i)
+        db.fig.insert_ms.append(time.perf_counter() - t)
         if i % 10 == 0:  # checked after the timer, against a recount
-            fig.returning_checked += 1
-            fig.returning_wrong += conn.execute(RECOUNT_SQL, (job_id,)).fetchone() != (position,)
+            db.fig.returning_checked += 1
+            db.fig.returning_wrong += db.conn.execute(RECOUNT_SQL, (job_id,)).fetchone() != (position,)
 
-    for conn, _ in pair:
+    for db in dbs:
         for i in range(plan.warmup):
-            insert(conn, i)
-    alternate(pair, plan.inserts, one)
+            insert(db.conn, i)
+    alternate(dbs, plan.inserts, one)
 
 
-def measure_context(pair: list[tuple[Conn, Figures]], limit_s: float) -> None:
-    for conn, fig in pair:
-        with timeout(conn, limit_s):
+def measure_context(dbs: list[Db], limit_s: float) -> None:
+    for db in dbs:
+        with timeout(db.conn, limit_s):
             t = time.perf_counter()
             try:
-                conn.execute(CONTEXT_SQL).fetchall()
+                db.conn.execute(CONTEXT_SQL).fetchall()
             except psycopg.errors.QueryCanceled:
-                fig.context_timeout_s = limit_s
+                db.fig.context_timeout_s = limit_s
                 continue
-            fig.context_s = time.perf_counter() - t
+            db.fig.context_s = time.perf_counter() - t
 
 
-def measure_side(dsns: tuple[str, str], labels: tuple[str, str], plan: Plan, args: argparse.Namespace
-                 ) -> tuple[Figures, Figures]:
-    with psycopg.connect(dsns[0], autocommit=True) as q, psycopg.connect(dsns[1], autocommit=True) as f:
-        oracle = [r[0] for r in q.execute(ORACLE_SQL)]
-        assert oracle == [r[0] for r in f.execute(ORACLE_SQL)], "the two databases hold different queues"
-        pair = [(q, Figures(labels[0])), (f, Figures(labels[1]))]
-        progress(f"{labels[0]} / {labels[1]}: all positions in order")
-        measure_listing(pair, oracle, plan, args.timeout)
-        progress(f"{labels[0]} / {labels[1]}: one job's position")
-        measure_positions(pair, oracle, plan)
-        progress(f"{labels[0]} / {labels[1]}: ?order=queue_position&limit=50")
-        measure_context(pair, args.context_timeout)
-        progress(f"{labels[0]} / {labels[1]}: INSERT ... RETURNING queue_position")
-        measure_inserts(pair, plan)
-        return pair[0][1], pair[1][1]
+def measure(dsns: dict[str, str], plan: Plan, args: argparse.Namespace) -> dict[str, Figures]:
+    """Every figure on every database (label -> DSN), the databases sampled in alternating blocks."""
+    with contextlib.ExitStack() as stack:
+        dbs = []
+        for label, dsn in dsns.items():
+            conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
+            dbs.append(Db(conn, [r[0] for r in conn.execute(ORACLE_SQL)], Figures(label)))
+        progress("all positions in order")
+        measure_listing(dbs, plan, args.timeout)
+        progress("one job's position")
+        measure_positions(dbs, plan)
+        progress("?order=queue_position&limit=50")
+        measure_context(dbs, args.context_timeout)
+        progress("INSERT ... RETURNING queue_position")
+        measure_inserts(dbs, plan)
+        return {db.fig.label: db.fig for db in dbs}
 
 
 def pinned_figures(conn: Conn, limit_s: float) -> dict[str, str]:
@@ -461,10 +473,11 @@ def main() -> int:
                   f"({len(after_migrations)} migrations)")
             print(f"one job's position over {plan.ids} ids spread through the queue; {plan.inserts} INSERTs "
                   f"per database; listing best of {plan.list_rounds}, statement_timeout {args.timeout:g} s")
-            before = measure_side((server.dsn_for("before_q"), server.dsn_for("before_f")),
-                                  ("before", f"before +{plan.finished:,}"), plan, args)
-            after = measure_side((server.dsn_for("after_q"), server.dsn_for("after_f")),
-                                 ("after", f"after +{plan.finished:,}"), plan, args)
+            labels = {"before_q": "before", "before_f": f"before +{plan.finished:,}",
+                      "after_q": "after", "after_f": f"after +{plan.finished:,}"}
+            figures = measure({label: server.dsn_for(name) for name, label in labels.items()}, plan, args)
+            before = (figures[labels["before_q"]], figures[labels["before_f"]])
+            after = (figures[labels["after_q"]], figures[labels["after_f"]])
             pinned: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
             for side in ("before", "after") if args.pinned else ():
                 progress(f"{side}: {args.pinned:,} claims under a pinned horizon")
