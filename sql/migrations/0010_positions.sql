@@ -24,14 +24,15 @@
 --     sorted array, read once per statement. A job among them (the head of the queue, "you are
 --     3rd", and a job just inserted, at the tail) finds its position by a binary search
 --     (width_bucket) in it;
---   * the keys of every queued job of one priority, in order, read only when a statement asks for a
---     job deeper than that (once per statement and priority, O(that priority's jobs)); the job's
---     place among its own priority is again a binary search.
+--   * the keys of the queued jobs of one priority, in order, read only when a statement asks for a
+--     job deeper than that, in two parts split about halfway (by created_at): once per statement and
+--     part, and only the part the job falls in (about half of that priority's jobs); the job's place
+--     among its own priority is again a binary search.
 --
 -- Each of these is an uncorrelated subquery of the view, so PostgreSQL computes it at most once per
 -- statement and only when a row needs it (an InitPlan, evaluated on first use); the per-row work is
 -- a key and one or two binary searches, inlined (reactor.queue_position_at). One job's position costs
--- well under a millisecond near either end of its priority and O(its priority's depth) in the
+-- under a millisecond near either end of its priority and about half its priority's depth in the
 -- middle; the whole queue in position order costs O(n log n). Nothing is written when a job is
 -- queued or leaves the queue, beyond the index entry of its key.
 --
@@ -96,21 +97,72 @@ LANGUAGE sql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_ca
     SELECT ARRAY[0, n[1], n[1] + n[2]] FROM reactor.queue_counts() n
 $$;
 
--- The keys of every queued job of one priority, in queue order.
-CREATE FUNCTION reactor.queue_band_keys(p_rank smallint) RETURNS uuid[]
+-- Where the keys of one priority are split in two for reading (see queue_band_keys): about halfway
+-- between its first and its last queued job by created_at (by job_no when they share it). Where it
+-- falls only decides how much a lookup reads, never what it finds.
+CREATE FUNCTION reactor.queue_split(p_rank smallint) RETURNS uuid
 LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lo    uuid := reactor.queue_key(p_rank, '-infinity', 0);
+    hi    uuid := reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0);
+    first record;
+    last  record;
 BEGIN
-    RETURN ARRAY(
-        SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) FROM reactor.jobs j
-         WHERE j.status = 'queued'
-           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= reactor.queue_key(p_rank, '-infinity', 0)
-           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no)
-               < reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0)
-         ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no));
+    SELECT j.created_at, j.job_no INTO first FROM reactor.jobs j
+     WHERE j.status = 'queued'
+       AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
+       AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
+     ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no) LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN hi;
+    END IF;
+    SELECT j.created_at, j.job_no INTO last FROM reactor.jobs j
+     WHERE j.status = 'queued'
+       AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
+       AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
+     ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no) DESC LIMIT 1;
+    IF first.created_at < last.created_at AND isfinite(first.created_at) AND isfinite(last.created_at) THEN
+        RETURN reactor.queue_key(p_rank, first.created_at + (last.created_at - first.created_at) / 2, 0);
+    END IF;
+    RETURN reactor.queue_key(p_rank, first.created_at, first.job_no / 2 + last.job_no / 2);
 END
 $$;
-COMMENT ON FUNCTION reactor.queue_band_keys(smallint) IS
-    'Keys (reactor.queue_key) of every queued job of one priority rank, in queue order.';
+COMMENT ON FUNCTION reactor.queue_split(smallint) IS
+    'The key where queue_band_keys splits the keys of one priority in two (about halfway; only speed depends on it).';
+
+-- The keys of one priority's queued jobs, in queue order, in two parts split at queue_split(): the
+-- head part holds the keys before the split; the tail part holds the keys from the split on, after
+-- as many copies of the priority's lowest possible key as there are jobs before the split (from the
+-- counts, so they are not read): a binary search in either part then counts every job of the
+-- priority ahead of a key in it. One job in the middle of a priority reads one part, about half.
+CREATE FUNCTION reactor.queue_band_keys(p_rank smallint, p_tail boolean) RETURNS uuid[]
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lo    uuid := reactor.queue_key(p_rank, '-infinity', 0);
+    hi    uuid := reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0);
+    split uuid := reactor.queue_split(p_rank);
+    keys  uuid[];
+BEGIN
+    IF NOT p_tail THEN
+        RETURN ARRAY(
+            SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) FROM reactor.jobs j
+             WHERE j.status = 'queued'
+               AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
+               AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < split
+             ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no));
+    END IF;
+    keys := ARRAY(
+        SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) FROM reactor.jobs j
+         WHERE j.status = 'queued'
+           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= split
+           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
+         ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no));
+    RETURN array_fill(lo, ARRAY[greatest((reactor.queue_counts())[p_rank + 1] - cardinality(keys), 0)::integer]) || keys;
+END
+$$;
+COMMENT ON FUNCTION reactor.queue_band_keys(smallint, boolean) IS
+    'Keys of one priority''s queued jobs before queue_split() (p_tail false), or from it on after a '
+    'placeholder for each job before it (p_tail true), in queue order.';
 
 -- The ends of the queue: for each priority, the keys of its first and its last p_each queued jobs
 -- (all of them when it has at most 2 * p_each), in queue order, as one sorted array. How many come
@@ -187,21 +239,29 @@ COMMENT ON FUNCTION reactor.queue_ends_positions(integer) IS
     'Positions of the keys of queue_ends_keys(p_each), shifted by one (element 1 is 0); NULL where jobs lie between.';
 
 -- A queued job's position from what the statement read once: its key's place among the ends, or
--- else among the keys of its priority after the jobs queued above it. Inlined into the view: each
--- array is used once, so the ones a row does not need are never read (for a job at either end, only
--- the ends). "Ahead of the job" is "at or before job_no - 1", which holds for a job the statement
--- cannot see itself (an INSERT's or UPDATE's RETURNING) as for one it can.
+-- else among the keys of its priority (the part before or after the split) after the jobs queued
+-- above it. Inlined into the view: each array is used once, so the ones a row does not need are
+-- never read (for a job at either end, only the ends). "Ahead of the job" is "at or before
+-- job_no - 1", which holds for a job the statement cannot see itself (an INSERT's or UPDATE's
+-- RETURNING) as for one it can.
 CREATE FUNCTION reactor.queue_position_at(p_rank smallint, p_created timestamptz, p_no bigint,
                                           p_ends uuid[], p_ends_positions bigint[], p_above bigint[],
-                                          p_high uuid[], p_medium uuid[], p_low uuid[])
+                                          p_splits uuid[], p_high_head uuid[], p_high_tail uuid[],
+                                          p_medium_head uuid[], p_medium_tail uuid[],
+                                          p_low_head uuid[], p_low_tail uuid[])
 RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT 1 + coalesce(
         p_ends_positions[1 + width_bucket(reactor.queue_key(p_rank, p_created, p_no - 1), p_ends)],
-        p_above[p_rank + 1] + width_bucket(reactor.queue_key(p_rank, p_created, p_no - 1),
-                                           CASE p_rank WHEN 0 THEN p_high WHEN 1 THEN p_medium ELSE p_low END))
+        p_above[p_rank + 1] + width_bucket(
+            reactor.queue_key(p_rank, p_created, p_no - 1),
+            CASE WHEN reactor.queue_key(p_rank, p_created, p_no - 1) < p_splits[p_rank + 1]
+                 THEN CASE p_rank WHEN 0 THEN p_high_head WHEN 1 THEN p_medium_head ELSE p_low_head END
+                 ELSE CASE p_rank WHEN 0 THEN p_high_tail WHEN 1 THEN p_medium_tail ELSE p_low_tail END
+            END))
 $$;
-COMMENT ON FUNCTION reactor.queue_position_at(smallint, timestamptz, bigint, uuid[], bigint[], bigint[], uuid[], uuid[], uuid[]) IS
+COMMENT ON FUNCTION reactor.queue_position_at(smallint, timestamptz, bigint, uuid[], bigint[], bigint[], uuid[],
+                                              uuid[], uuid[], uuid[], uuid[], uuid[], uuid[]) IS
     'A queued job''s position from the arrays public.jobs reads once per statement (see migration 0010).';
 
 CREATE OR REPLACE VIEW public.jobs WITH (security_invoker = true) AS
@@ -217,8 +277,14 @@ SELECT j.id,
             THEN reactor.queue_position_at(j.priority_rank, j.created_at, j.job_no,
                      (SELECT reactor.queue_ends_keys(64)), (SELECT reactor.queue_ends_positions(64)),
                      (SELECT reactor.queue_above()),
-                     (SELECT reactor.queue_band_keys(0::smallint)), (SELECT reactor.queue_band_keys(1::smallint)),
-                     (SELECT reactor.queue_band_keys(2::smallint))) END AS queue_position,
+                     (SELECT ARRAY[reactor.queue_split(0::smallint), reactor.queue_split(1::smallint),
+                                   reactor.queue_split(2::smallint)]),
+                     (SELECT reactor.queue_band_keys(0::smallint, false)),
+                     (SELECT reactor.queue_band_keys(0::smallint, true)),
+                     (SELECT reactor.queue_band_keys(1::smallint, false)),
+                     (SELECT reactor.queue_band_keys(1::smallint, true)),
+                     (SELECT reactor.queue_band_keys(2::smallint, false)),
+                     (SELECT reactor.queue_band_keys(2::smallint, true))) END AS queue_position,
        j.retry_count,
        j.max_retries,
        j.error_message,

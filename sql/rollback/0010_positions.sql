@@ -27,10 +27,12 @@ SELECT j.id,
        j.lease_expires_at
 FROM reactor.jobs j;
 
-DROP FUNCTION reactor.queue_position_at(smallint, timestamptz, bigint, uuid[], bigint[], bigint[], uuid[], uuid[], uuid[]);
+DROP FUNCTION reactor.queue_position_at(smallint, timestamptz, bigint, uuid[], bigint[], bigint[], uuid[], uuid[], uuid[],
+                                         uuid[], uuid[], uuid[], uuid[]);
 DROP FUNCTION reactor.queue_ends_positions(integer);
 DROP FUNCTION reactor.queue_ends_keys(integer);
-DROP FUNCTION reactor.queue_band_keys(smallint);
+DROP FUNCTION reactor.queue_band_keys(smallint, boolean);
+DROP FUNCTION reactor.queue_split(smallint);
 DROP FUNCTION reactor.queue_above();
 DROP FUNCTION reactor.queue_counts();
 DROP INDEX reactor.jobs_queue_key_idx;

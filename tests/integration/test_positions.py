@@ -260,8 +260,9 @@ def _initplans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def test_one_job_reads_only_what_its_position_needs(conn: Conn) -> None:
-    """The band of a job in the middle is read once; the ends suffice near either end; the per-row
-    part is inlined (no function call per row)."""
+    """A job in the middle of its priority reads one part of that priority's keys (before or after the
+    split); the ends suffice near either end; the whole queue reads every part once; the per-row part
+    is inlined (no function call per row)."""
     for priority in PRIORITIES:
         insert(conn, 3 * ENDS, priority=priority)
     head, middle = nth_queued(conn, 2, "medium"), nth_queued(conn, ENDS + 10, "medium")
@@ -277,7 +278,8 @@ def test_one_job_reads_only_what_its_position_needs(conn: Conn) -> None:
     assert len(bands_read(middle)) == 1
     listed = _plan(conn, "SELECT id, queue_position FROM jobs WHERE status = 'queued' ORDER BY queue_position", ())
     assert "queue_position_at" not in json.dumps(listed)
-    assert sum(1 for p in _initplans(listed) if "queue_band_keys" in json.dumps(p) and p.get("Actual Loops")) == 3
+    parts = [p["Actual Loops"] for p in _initplans(listed) if "queue_band_keys" in json.dumps(p) and p["Actual Loops"]]
+    assert 3 <= len(parts) <= 6 and set(parts) == {1}  # each part read once, if a job of it is in the middle
 
 
 def test_job_no_beyond_the_key_is_refused(conn: Conn) -> None:
