@@ -99,32 +99,43 @@ $$;
 
 -- Where the keys of one priority are split in two for reading (see queue_band_keys): about halfway
 -- between its first and its last queued job by created_at (by job_no when they share it). Where it
--- falls only decides how much a lookup reads, never what it finds.
+-- falls only decides how much a lookup reads, never what it finds, so the first job is taken from
+-- the claims' cursors (0008) where they have moved: under a pinned horizon the head of a priority
+-- is where the index entries of claimed jobs pile up, and this is read up to three times a statement.
 CREATE FUNCTION reactor.queue_split(p_rank smallint) RETURNS uuid
 LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    lo    uuid := reactor.queue_key(p_rank, '-infinity', 0);
-    hi    uuid := reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0);
-    first record;
-    last  record;
+    lo       uuid := reactor.queue_key(p_rank, '-infinity', 0);
+    hi       uuid := reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0);
+    first_at timestamptz;
+    first_no bigint;
+    last     record;
 BEGIN
-    SELECT j.created_at, j.job_no INTO first FROM reactor.jobs j
-     WHERE j.status = 'queued'
-       AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
-       AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
-     ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no) LIMIT 1;
-    IF NOT FOUND THEN
-        RETURN hi;
-    END IF;
     SELECT j.created_at, j.job_no INTO last FROM reactor.jobs j
      WHERE j.status = 'queued'
        AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
        AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
      ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no) DESC LIMIT 1;
-    IF first.created_at < last.created_at AND isfinite(first.created_at) AND isfinite(last.created_at) THEN
-        RETURN reactor.queue_key(p_rank, first.created_at + (last.created_at - first.created_at) / 2, 0);
+    IF NOT FOUND THEN
+        RETURN hi;
     END IF;
-    RETURN reactor.queue_key(p_rank, first.created_at, first.job_no / 2 + last.job_no / 2);
+    -- the lower of the two cursors of this priority (Manim and the others)
+    SELECT c.at, c.no INTO first_at, first_no
+      FROM (SELECT * FROM reactor.totals ORDER BY id DESC LIMIT 1) t,
+           LATERAL (VALUES (t.cursor_at[1 + p_rank], t.cursor_no[1 + p_rank]),
+                           (t.cursor_at[4 + p_rank], t.cursor_no[4 + p_rank])) c(at, no)
+     ORDER BY c.at, c.no LIMIT 1;
+    IF first_at IS NULL OR NOT isfinite(first_at) OR (first_at, first_no) > (last.created_at, last.job_no) THEN
+        SELECT j.created_at, j.job_no INTO first_at, first_no FROM reactor.jobs j
+         WHERE j.status = 'queued'
+           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) >= lo
+           AND reactor.queue_key(j.priority_rank, j.created_at, j.job_no) < hi
+         ORDER BY reactor.queue_key(j.priority_rank, j.created_at, j.job_no) LIMIT 1;
+    END IF;
+    IF first_at < last.created_at AND isfinite(first_at) AND isfinite(last.created_at) THEN
+        RETURN reactor.queue_key(p_rank, first_at + (last.created_at - first_at) / 2, 0);
+    END IF;
+    RETURN reactor.queue_key(p_rank, last.created_at, first_no / 2 + last.job_no / 2);
 END
 $$;
 COMMENT ON FUNCTION reactor.queue_split(smallint) IS

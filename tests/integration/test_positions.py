@@ -282,6 +282,20 @@ def test_one_job_reads_only_what_its_position_needs(conn: Conn) -> None:
     assert 3 <= len(parts) <= 6 and set(parts) == {1}  # each part read once, if a job of it is in the middle
 
 
+@pytest.mark.parametrize("split", [
+    "reactor.queue_key(p_rank, '-infinity', 0)",                     # everything after the split
+    "reactor.queue_key((p_rank + 1)::smallint, '-infinity', 0)",     # everything before it
+    "reactor.queue_key(p_rank, now() - interval '150 s', 0)",        # somewhere in between
+])
+def test_where_a_priority_is_split_changes_nothing_but_cost(conn: Conn, split: str) -> None:
+    for ago in (300, 200, 100, 0):
+        for priority in PRIORITIES:
+            insert(conn, 60, priority=priority, created_ago_s=ago)
+    conn.execute("CREATE OR REPLACE FUNCTION reactor.queue_split(p_rank smallint) RETURNS uuid "
+                 f"LANGUAGE sql STABLE AS $$ SELECT {split} $$")
+    check(conn, sample=None)
+
+
 def test_job_no_beyond_the_key_is_refused(conn: Conn) -> None:
     with pytest.raises(psycopg.errors.CheckViolation, match="job_no must be between 1 and 2"):
         conn.execute("INSERT INTO reactor.jobs (job_no, job_type, payload) OVERRIDING SYSTEM VALUE "
