@@ -15,7 +15,7 @@ Figures, the four databases sampled in alternating blocks so that load from else
 falls on all alike:
 
 * all positions in order: ``SELECT id, priority, status, queue_position, created_at FROM jobs
-  WHERE status = 'queued' ORDER BY queue_position``, every row fetched, best of 3 (checked against a
+  WHERE status = 'queued' ORDER BY queue_position``, every row fetched, best of 5 (checked against a
   recount); with ``statement_timeout = --timeout`` s, else "did not finish in N s";
 * one job's position: ``SELECT queue_position FROM jobs WHERE id = $1`` for ids spread evenly
   through the queue, p50 / p99 (each checked);
@@ -109,7 +109,7 @@ class Plan:
     list_rounds: int
 
 
-FULL = Plan(queued=100_000, finished=1_000_000, ids=300, inserts=400, warmup=20, list_rounds=3)
+FULL = Plan(queued=100_000, finished=1_000_000, ids=300, inserts=400, warmup=20, list_rounds=5)
 QUICK = Plan(queued=10_000, finished=100_000, ids=100, inserts=100, warmup=10, list_rounds=3)
 
 
