@@ -53,12 +53,11 @@ SELECT o.id, o.job_type, o.priority, o.created_at, o.run_after,
 SELECT max_concurrent_renders AS previous, paused_at, paused_by FROM reactor.paused_limits
 
 -- name: list_jobs
-SELECT j.id, j.job_type, j.priority, j.status,
-       CASE WHEN j.status = 'queued'
-            THEN reactor.queue_position(j.priority_rank, j.created_at, j.job_no) END AS queue_position,
+-- positions from the jobs view, which reads what they need once for the statement
+SELECT j.id, j.job_type, j.priority, j.status, v.queue_position,
        j.user_id, j.renderer, j.retry_count, j.max_retries, j.attempt, j.locked_by,
        j.error_category, j.error_message, j.created_at, j.started_at, j.completed_at, j.run_after
-  FROM reactor.jobs j
+  FROM reactor.jobs j JOIN public.jobs v ON v.id = j.id
  WHERE (%(status)s::text IS NULL OR j.status = %(status)s::text)
    AND (%(job_type)s::text IS NULL OR j.job_type = %(job_type)s::text)
    AND (%(user_id)s::uuid IS NULL OR j.user_id = %(user_id)s::uuid)

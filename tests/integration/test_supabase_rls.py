@@ -365,6 +365,33 @@ def test_user_reads_only_own_jobs_and_events(hardened: str) -> None:
         assert [t["name"] for t in types] == ["daily_ca", "doubt", "topic_short"]
 
 
+def test_user_positions_count_everyone_at_any_depth(hardened: str) -> None:
+    """A user sees only their own jobs, numbered against everyone's queue, deep in it too (0010)."""
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    bulk = ("INSERT INTO jobs (job_type, priority, user_id, payload) SELECT 'topic_short', %s, %s, "
+            "'{\"topic\": \"t\"}' FROM generate_series(1, %s)")
+    with psycopg.connect(hardened, autocommit=True) as owner:
+        owner.execute(bulk, ("medium", bob, 300))
+        owner.execute(bulk, ("low", bob, 200))
+        with as_role(hardened, "authenticated", alice) as conn:
+            first = submit(conn)
+            assert first["queue_position"] == 301
+        owner.execute(bulk, ("medium", bob, 150))
+        owner.execute(bulk, ("high", bob, 100))
+        owner.execute("UPDATE jobs SET created_at = now() - interval '1 hour' WHERE id IN "
+                      "(SELECT id FROM reactor.jobs WHERE priority = 'medium' ORDER BY job_no LIMIT 1 OFFSET 150)")
+        with as_role(hardened, "authenticated", alice) as conn:
+            second = submit(conn, priority="low")
+            assert second["queue_position"] == 100 + 451 + 201
+            mine = conn.execute("SELECT id, queue_position FROM jobs ORDER BY queue_position").fetchall()
+        want: dict[uuid.UUID, int] = dict(owner.execute(
+            "SELECT id, row_number() OVER (ORDER BY priority_rank, created_at, job_no) "
+            "FROM reactor.jobs WHERE status = 'queued'").fetchall())
+    assert [(r["id"], r["queue_position"]) for r in mine] == [(first["id"], 100 + 1 + 300),
+                                                              (second["id"], 100 + 451 + 201)]
+    assert all(want[r["id"]] == r["queue_position"] for r in mine)
+
+
 def test_rate_limit_per_user(hardened: str) -> None:
     alice, bob = uuid.uuid4(), uuid.uuid4()
     with psycopg.connect(hardened, autocommit=True) as owner:
