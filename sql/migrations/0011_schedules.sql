@@ -551,7 +551,7 @@ RETURNS TABLE (schedule_name text, slot timestamptz, job_id uuid, fired boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     s        public.job_schedules;
-    slot     timestamptz;
+    cur      timestamptz;
     nxt      timestamptz;
     latest   timestamptz;
     win      interval;
@@ -571,34 +571,34 @@ BEGIN
         skipped := 0;
         last_run := s.last_run_at;
         IF s.catch_up = 'all' THEN
-            slot := s.next_run_at;
+            cur := s.next_run_at;
             n := 0;
-            WHILE slot IS NOT NULL AND slot <= p_now AND n < p_max_slots LOOP
-                job_id := reactor.schedule_job(s, slot);
-                schedule_name := s.name; fired := job_id IS NOT NULL;
+            WHILE cur IS NOT NULL AND cur <= p_now AND n < p_max_slots LOOP
+                job_id := reactor.schedule_job(s, cur);
+                schedule_name := s.name; slot := cur; fired := job_id IS NOT NULL;
                 RETURN NEXT;
-                IF job_id IS NOT NULL THEN made := made + 1; last_run := slot; END IF;
+                IF job_id IS NOT NULL THEN made := made + 1; last_run := cur; END IF;
                 n := n + 1;
-                slot := reactor.cron_next(s.cron, s.timezone, slot);
+                cur := reactor.cron_next(s.cron, s.timezone, cur);
             END LOOP;
-            nxt := slot;
+            nxt := cur;
         ELSE
             -- the newest slot due: looked for back from p_now, in widening windows
             latest := NULL;
             win := interval '1 hour';
             LOOP
-                slot := reactor.cron_next(s.cron, s.timezone, greatest(p_now - win, s.next_run_at - interval '1 second'));
-                IF slot IS NOT NULL AND slot <= p_now THEN
-                    WHILE slot IS NOT NULL AND slot <= p_now LOOP
-                        latest := slot;
-                        slot := reactor.cron_next(s.cron, s.timezone, slot);
+                cur := reactor.cron_next(s.cron, s.timezone, greatest(p_now - win, s.next_run_at - interval '1 second'));
+                IF cur IS NOT NULL AND cur <= p_now THEN
+                    WHILE cur IS NOT NULL AND cur <= p_now LOOP
+                        latest := cur;
+                        cur := reactor.cron_next(s.cron, s.timezone, cur);
                     END LOOP;
                     EXIT;
                 END IF;
                 EXIT WHEN p_now - win <= s.next_run_at;
                 win := win * 4;
             END LOOP;
-            nxt := slot;
+            nxt := cur;
             latest := coalesce(latest, s.next_run_at);
             -- the slots passed over: those due before the newest (counted up to 1,000 a call)
             skipped := reactor.count_slots(s.cron, s.timezone, s.next_run_at, latest, 1000);
@@ -612,7 +612,6 @@ BEGIN
                 schedule_name := s.name; slot := latest; job_id := NULL; fired := false;
                 RETURN NEXT;
             END IF;
-            slot := nxt;
         END IF;
         UPDATE public.job_schedules js
            SET next_run_at = nxt, last_run_at = last_run,
