@@ -88,7 +88,13 @@ SELECT j.id, j.queue_position
 SELECT c.last_seq, c.queued, c.processing, c.completed, c.failed, c.cancelled,
        c.queued_high, c.queued_medium, c.queued_low,
        coalesce(extract(epoch FROM now() - o.at), 0)::double precision AS oldest_queued_age_seconds,
-       pg_notification_queue_usage() AS notification_queue_usage
+       pg_notification_queue_usage() AS notification_queue_usage,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'name', s.name, 'enabled', s.enabled,
+                   'next_run_at', extract(epoch FROM s.next_run_at)::double precision,
+                   'last_run_at', extract(epoch FROM s.last_run_at)::double precision,
+                   'jobs_created', s.jobs_created, 'slots_skipped', s.slots_skipped) ORDER BY s.name), '[]')
+          FROM public.job_schedules s) AS schedules
   FROM reactor.counters c,
        LATERAL (SELECT min(m.created_at) AS at
                   FROM (VALUES (0::smallint), (1::smallint), (2::smallint)) r(rank),

@@ -53,8 +53,9 @@ SELECT o.id, o.job_type, o.priority, o.created_at, o.run_after,
 SELECT max_concurrent_renders AS previous, paused_at, paused_by FROM reactor.paused_limits
 
 -- name: list_jobs
+-- (a job waiting for its run_after has no position yet, as in the jobs view)
 SELECT j.id, j.job_type, j.priority, j.status,
-       CASE WHEN j.status = 'queued'
+       CASE WHEN j.status = 'queued' AND j.run_after <= now()
             THEN reactor.queue_position(j.priority_rank, j.created_at, j.job_no) END AS queue_position,
        j.user_id, j.renderer, j.retry_count, j.max_retries, j.attempt, j.locked_by,
        j.error_category, j.error_message, j.created_at, j.started_at, j.completed_at, j.run_after

@@ -24,7 +24,7 @@
 -- finds it no longer due. A unique index on (schedule_name, idempotency_key) backs it up. The times
 -- are the database's: the reactors' clocks never decide a slot.
 --
--- Delayed jobs: an INSERT (or an UPDATE of a queued job's run_after) with a run_after in the future
+-- Delayed jobs: queue_position is NULL until run_after (the jobs view). An INSERT (or an UPDATE of a queued job's run_after) with a run_after in the future
 -- sends NOTIFY reactor_due, so that every reactor re-reads its earliest due time at once; nothing
 -- polls. A change of job_schedules by anyone but fire_schedules() sends NOTIFY reactor_schedules.
 
@@ -50,7 +50,8 @@ SELECT j.id,
        j.result,
        j.user_id,
        j.renderer,
-       CASE WHEN j.status = 'queued'
+       -- NULL until due: a job that waits for its run_after has no place in the queue yet
+       CASE WHEN j.status = 'queued' AND j.run_after <= now()
             THEN reactor.queue_position(j.priority_rank, j.created_at, j.job_no) END AS queue_position,
        j.retry_count,
        j.max_retries,

@@ -9,6 +9,7 @@ expressions, zones and instants; the examples pin the cases a reader would ask a
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -19,8 +20,8 @@ from hypothesis import strategies as st
 
 ZONES = ["UTC", "Asia/Kolkata", "America/New_York", "Europe/London", "Europe/Berlin",
          "Australia/Sydney", "Asia/Kathmandu", "America/Santiago", "Australia/Lord_Howe", "Pacific/Chatham"]
-MONTHS = "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()
-DAYS = "SUN MON TUE WED THU FRI SAT".split()
+MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+DAYS = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]
 #: (low, high, names) of each field
 FIELDS = [(0, 59, None), (0, 23, None), (1, 31, None), (1, 12, MONTHS), (0, 7, DAYS)]
 
@@ -59,10 +60,11 @@ instants = st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2036,
                         timezones=st.just(UTC))
 
 
-def sql_next(db: psycopg.Connection[object], cron: str, tz: str, after: datetime) -> datetime | None:
+def sql_next(db: psycopg.Connection[Any], cron: str, tz: str, after: datetime) -> datetime | None:
     row = db.execute("SELECT reactor.cron_next(%s, %s, %s)", (cron, tz, after)).fetchone()
     assert row is not None
-    return row[0]  # type: ignore[return-value]
+    value: datetime | None = row[0]
+    return value
 
 
 def oracle_next(cron: str, tz: str, after: datetime) -> datetime | None:
@@ -74,7 +76,7 @@ def oracle_next(cron: str, tz: str, after: datetime) -> datetime | None:
 
 
 @given(cron=expressions, tz=st.sampled_from(ZONES), after=instants)
-def test_cron_next_agrees_with_cronsim(db: psycopg.Connection[object], cron: str, tz: str, after: datetime) -> None:
+def test_cron_next_agrees_with_cronsim(db: psycopg.Connection[Any], cron: str, tz: str, after: datetime) -> None:
     try:
         expected = oracle_next(cron, tz, after)
     except CronSimError:
@@ -89,7 +91,7 @@ def test_cron_next_agrees_with_cronsim(db: psycopg.Connection[object], cron: str
 
 
 @given(cron=expressions, tz=st.sampled_from(ZONES), after=instants)
-def test_three_slots_in_a_row_agree_with_cronsim(db: psycopg.Connection[object], cron: str, tz: str,
+def test_three_slots_in_a_row_agree_with_cronsim(db: psycopg.Connection[Any], cron: str, tz: str,
                                                  after: datetime) -> None:
     try:
         it = CronSim(cron, after.astimezone(ZoneInfo(tz)))
@@ -129,12 +131,12 @@ def utc(text: str) -> datetime:
     ("*/20 1 * * *", "America/New_York", "2026-11-01 05:40:00", "2026-11-01 06:00:00"),
     ("0 0 29 2 *", "UTC", "2026-01-01 00:00:00", "2028-02-29 00:00:00"),
 ])
-def test_cron_next_examples(db: psycopg.Connection[object], cron: str, tz: str, after: str, expected: str) -> None:
+def test_cron_next_examples(db: psycopg.Connection[Any], cron: str, tz: str, after: str, expected: str) -> None:
     assert sql_next(db, cron, tz, utc(after)) == utc(expected)
     assert oracle_next(cron, tz, utc(after)) == utc(expected)
 
 
-def test_impossible_dates_name_no_time(db: psycopg.Connection[object]) -> None:
+def test_impossible_dates_name_no_time(db: psycopg.Connection[Any]) -> None:
     assert sql_next(db, "0 0 31 2 *", "UTC", utc("2026-01-01 00:00:00")) is None
     assert sql_next(db, "0 0 30 2 *", "UTC", utc("2026-01-01 00:00:00")) is None
 
@@ -155,7 +157,7 @@ def test_impossible_dates_name_no_time(db: psycopg.Connection[object]) -> None:
     ("@daily", "1 fields"),
     ("0 0 31 2 *", "names no time in the next 50 years"),
 ])
-def test_bad_cron_is_refused_at_insert_naming_the_column(db: psycopg.Connection[object], cron: str,
+def test_bad_cron_is_refused_at_insert_naming_the_column(db: psycopg.Connection[Any], cron: str,
                                                          says: str) -> None:
     with pytest.raises(psycopg.errors.CheckViolation) as err:
         db.execute("INSERT INTO job_schedules (name, cron, job_type) VALUES ('s', %s, 'daily_ca')", (cron,))
@@ -166,16 +168,17 @@ def test_bad_cron_is_refused_at_insert_naming_the_column(db: psycopg.Connection[
 
 
 @pytest.mark.parametrize("tz", ["Mars/Olympus", "", "utc+5", "+05:30"])
-def test_bad_time_zone_is_refused_at_insert_naming_the_column(db: psycopg.Connection[object], tz: str) -> None:
+def test_bad_time_zone_is_refused_at_insert_naming_the_column(db: psycopg.Connection[Any], tz: str) -> None:
     with pytest.raises(psycopg.errors.CheckViolation) as err:
-        db.execute("INSERT INTO job_schedules (name, cron, timezone, job_type) VALUES ('s', '* * * * *', %s, 'daily_ca')",
-                   (tz,))
+        db.execute("INSERT INTO job_schedules (name, cron, timezone, job_type) "
+                   "VALUES ('s', '* * * * *', %s, 'daily_ca')", (tz,))
     assert err.value.diag.column_name == "timezone"
 
 
-def test_a_good_schedule_shows_its_next_run_at_once(db: psycopg.Connection[object]) -> None:
+def test_a_good_schedule_shows_its_next_run_at_once(db: psycopg.Connection[Any]) -> None:
     row = db.execute(
-        "INSERT INTO job_schedules (name, cron, timezone, job_type) VALUES ('s', '0 6 * * *', 'Asia/Kolkata', 'daily_ca') "
+        "INSERT INTO job_schedules (name, cron, timezone, job_type) "
+        "VALUES ('s', '0 6 * * *', 'Asia/Kolkata', 'daily_ca') "
         "RETURNING next_run_at, now()").fetchone()
     assert row is not None
     next_run, now = row

@@ -24,7 +24,7 @@ def add(db: Conn, name: str = "s", cron: str = "* * * * *", **cols: Any) -> dict
     names = ", ".join(cols)  # the test's own column names, never user input
     marks = ", ".join(["%s"] * len(cols))
     with db.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"INSERT INTO job_schedules ({names}) VALUES ({marks}) RETURNING *",  # noqa: S608
+        cur.execute(f"INSERT INTO job_schedules ({names}) VALUES ({marks}) RETURNING *",
                     list(cols.values()))
         row = cur.fetchone()
     assert row is not None
@@ -116,7 +116,8 @@ def test_latest_finds_the_newest_slot_after_a_long_outage(db: Conn) -> None:
 def test_date_in_kolkata_right_across_utc_midnight(db: Conn) -> None:
     """Asia/Kolkata is UTC+5:30: its midnight is 18:30 UTC, so {{date}} turns there, not at 00:00 UTC."""
     add(db, cron="*/30 * * * *", timezone="Asia/Kolkata", catch_up="all",
-        payload='{"date": "{{date}}", "title": "Digest {{date}}", "meta": {"slot": "{{slot}}", "n": 1, "l": ["{{date}}"]}}')
+        payload='{"date": "{{date}}", "title": "Digest {{date}}", '
+                '"meta": {"slot": "{{slot}}", "n": 1, "l": ["{{date}}"]}}')
     now = db.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     midnight_ist = now.astimezone(UTC).replace(hour=18, minute=30, second=0, microsecond=0)
     if midnight_ist <= now:
@@ -141,7 +142,7 @@ def test_next_and_last_run_are_kept_by_the_system(db: Conn) -> None:
     add(db)
     for col in ("next_run_at", "last_run_at"):
         with pytest.raises(psycopg.errors.CheckViolation) as err:
-            db.execute(f"UPDATE job_schedules SET {col} = now() + interval '1 day'")  # noqa: S608
+            db.execute(f"UPDATE job_schedules SET {col} = now() + interval '1 day'")
         assert err.value.diag.column_name == col
         assert "kept by the system" in str(err.value)
     with pytest.raises(psycopg.errors.CheckViolation) as err:
@@ -238,7 +239,7 @@ def test_many_sessions_with_skewed_clocks_make_exactly_one_job_per_slot(dsn: str
                 else:
                     conn.commit()
             conn.close()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
             barrier.abort()
 
