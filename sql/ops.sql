@@ -147,3 +147,17 @@ RETURNING id, queue_position
 -- name: demo_summary
 SELECT queued, processing, completed, failed, round(avg_wait_seconds::numeric, 3) AS avg_wait_s
   FROM get_queue_stats()
+
+-- name: list_schedules
+SELECT s.name, s.cron, s.timezone, s.job_type, s.priority, s.payload, s.enabled, s.catch_up,
+       s.next_run_at, s.last_run_at, s.jobs_created, s.slots_skipped
+  FROM public.job_schedules s
+ ORDER BY s.next_run_at NULLS LAST, s.name
+
+-- name: set_schedule_enabled
+UPDATE public.job_schedules SET enabled = %(enabled)s WHERE name = %(name)s
+RETURNING name, enabled, next_run_at
+
+-- name: run_schedule_now
+-- the job made (NULL: no such schedule)
+SELECT reactor.run_schedule_now(%(name)s) AS id
