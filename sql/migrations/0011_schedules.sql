@@ -359,6 +359,20 @@ CREATE TABLE public.job_schedules (
         REFERENCES public.job_types (name) ON UPDATE CASCADE
 );
 CREATE INDEX job_schedules_next_idx ON public.job_schedules (next_run_at) WHERE enabled;
+-- Schedules are the operators' (their jobs are made by the system): on a database with Supabase's
+-- roles, whose default privileges give anon and authenticated everything on a new public table,
+-- they get nothing here (service_role keeps what Supabase gives it).
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            EXECUTE format('REVOKE ALL ON TABLE public.job_schedules FROM %I', r);
+        END IF;
+    END LOOP;
+END
+$$;
 COMMENT ON TABLE public.job_schedules IS
     'Periodic jobs: each slot of cron (5 fields, in timezone) makes one job of job_type with payload '
     '({{date}}: the slot''s date in timezone, {{slot}}: the slot time in UTC, ISO). catch_up says what '
