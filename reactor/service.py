@@ -1,10 +1,11 @@
-"""The running reactor: one task group owns the listener, the dispatcher and the sweep.
+"""The running reactor: one task group owns the listener, the dispatcher, the sweep and the scheduler.
 
 Start order: database pool, dispatcher, LISTEN (so no wake-up is missed), the feed and probes
-(with ``--listen``: port bound), sweep; then ready. Each of these parts (and the alert loop and the
-systemd watchdog) runs under a :class:`~reactor.engine.supervise.PartSupervisor`: one that fails is
-restarted with backoff and reported on ``/readyz``; one that fails too often stops the reactor, and
-``run`` raises :class:`~reactor.engine.supervise.PartFailed` (reactor/engine/supervise.py).
+(with ``--listen``: port bound), sweep, scheduler (periodic schedules); then ready. Each of these
+parts (and the alert loop and the systemd watchdog) runs under a
+:class:`~reactor.engine.supervise.PartSupervisor`: one that fails is restarted with backoff and
+reported on ``/readyz``; one that fails too often stops the reactor, and ``run`` raises
+:class:`~reactor.engine.supervise.PartFailed` (reactor/engine/supervise.py).
 SIGTERM (or SIGINT) drains: stop claiming, let renders finish within the grace period, abort and
 return the rest to the queue without spending a retry, exit 0. A second signal aborts at once.
 """
@@ -29,6 +30,7 @@ from reactor.db.alerts import AlertStore
 from reactor.db.store import Database
 from reactor.engine.dispatcher import Dispatcher, DispatchSettings
 from reactor.engine.listener import Listener
+from reactor.engine.scheduler import Scheduler
 from reactor.engine.supervise import Part, PartFailed, PartSupervisor, RestartPolicy
 from reactor.engine.sweeper import Sweeper
 from reactor.ops.actions import RunbookActions
@@ -74,6 +76,9 @@ class ServiceSettings:
     #: under systemd ($NOTIFY_SOCKET): watchdog pings stop once the listener (or a required part) is
     #: down this long
     listener_grace_s: float = 120.0
+    #: the scheduler looks at the schedules at least this often (it sleeps until the next slot and
+    #: is woken by NOTIFY reactor_schedules; this is a safety net)
+    schedule_max_sleep_s: float = 300.0
     #: restarting a part that failed, and when to give up (reactor/engine/supervise.py)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     #: what systemd passed the process ($NOTIFY_SOCKET, $WATCHDOG_USEC): none, unless run by systemd
@@ -126,6 +131,7 @@ class Service:
                                grace_s=settings.timeout_grace_s, orphan_s=settings.orphan_after_s,
                                limits_seen=self.dispatcher.limits_seen, want_claim=self.dispatcher.want_claim,
                                recovered=self.metrics.sweep_recovered)
+        self.scheduler = Scheduler(self.db, max_sleep_s=settings.schedule_max_sleep_s)
 
     def _new_feed(self, settings: FeedSettings, old: Feed | None = None) -> Feed:
         feed = Feed(settings, self.settings.dsn, metrics=self.metrics,
@@ -173,6 +179,7 @@ class Service:
     def _on_notice(self, notice: Notice) -> None:
         self.dispatcher.on_notice(notice)
         self.sweeper.on_notice(notice)
+        self.scheduler.on_notice(notice)
         if self.feed is not None:
             self.feed.on_notice(notice)
         if self.alerts is not None:
@@ -185,6 +192,7 @@ class Service:
         if self.alerts is not None:
             self.alerts.poke()
         self.sweeper.wake()
+        self.scheduler.wake()
 
     def _systemd_status(self) -> str:
         return describe(stopping=self.stopping, inflight=len(self.dispatcher.inflight),
@@ -215,6 +223,7 @@ class Service:
                 if self.feed is not None:
                     await tg.start(supervise, Part("feed", self._run_feed, before_restart=self._renew_feed))
                 await tg.start(supervise, Part("sweeper", self.sweeper.run))
+                await tg.start(supervise, Part("scheduler", self.scheduler.run))
                 if self.settings.handle_signals:
                     tg.start_soon(self._signals)
                 if self.alerts is not None:

@@ -53,7 +53,8 @@ SELECT o.id, o.job_type, o.priority, o.created_at, o.run_after,
 SELECT max_concurrent_renders AS previous, paused_at, paused_by FROM reactor.paused_limits
 
 -- name: list_jobs
--- positions from the jobs view, which reads what they need once for the statement
+-- positions from the jobs view, which reads what they need once for the statement (a job waiting
+-- for its run_after has none yet)
 SELECT j.id, j.job_type, j.priority, j.status, v.queue_position,
        j.user_id, j.renderer, j.retry_count, j.max_retries, j.attempt, j.locked_by,
        j.error_category, j.error_message, j.created_at, j.started_at, j.completed_at, j.run_after
@@ -145,3 +146,17 @@ RETURNING id, queue_position
 -- name: demo_summary
 SELECT queued, processing, completed, failed, round(avg_wait_seconds::numeric, 3) AS avg_wait_s
   FROM get_queue_stats()
+
+-- name: list_schedules
+SELECT s.name, s.cron, s.timezone, s.job_type, s.priority, s.payload, s.enabled, s.catch_up,
+       s.next_run_at, s.last_run_at, s.jobs_created, s.slots_skipped
+  FROM public.job_schedules s
+ ORDER BY s.next_run_at NULLS LAST, s.name
+
+-- name: set_schedule_enabled
+UPDATE public.job_schedules SET enabled = %(enabled)s WHERE name = %(name)s
+RETURNING name, enabled, next_run_at
+
+-- name: run_schedule_now
+-- the job made (NULL: no such schedule)
+SELECT reactor.run_schedule_now(%(name)s) AS id

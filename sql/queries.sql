@@ -59,3 +59,10 @@ DELETE FROM reactor.reactors WHERE heartbeat_at < now() - interval '1 day'
 
 -- name: prune
 SELECT * FROM reactor.prune(%(since)s, %(totals_from)s)
+
+-- name: fire_schedules
+-- every slot due by the database's clock (or %(now)s, a test's injected clock): exactly one job each
+SELECT f.schedule_name, f.slot, f.job_id, f.fired FROM reactor.fire_schedules(coalesce(%(now)s, now())) f
+
+-- name: next_schedule
+SELECT reactor.next_schedule_at() AS next_run_at, clock_timestamp() AS db_now

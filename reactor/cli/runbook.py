@@ -1,5 +1,5 @@
 """The runbook commands: ``status``, ``jobs``, ``show``, ``retry``, ``cancel``, ``requeue-stuck``,
-``pause``, ``resume``, ``config``, ``submit``, ``check``. The logic is reactor/ops/runbook.py and
+``pause``, ``resume``, ``config``, ``submit``, ``schedules``, ``check``. The logic is reactor/ops/runbook.py and
 reactor/ops/checks.py; printing is here.
 
 Exit codes: 0 done; 1 the command ran and the answer is no (a check failed, no such job, a job
@@ -309,6 +309,53 @@ def _cmd_check(args: argparse.Namespace, env: Environment) -> int:
     return 0 if ok else 1
 
 
+def _cmd_schedules_list(args: argparse.Namespace, env: Environment) -> int:
+    from reactor.ops.runbook import connect, list_schedules
+
+    with connect(resolve_dsn(args.dsn, env)) as conn:
+        rows = list_schedules(conn)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        say("no schedules (add one with INSERT INTO job_schedules)")
+        return 0
+    table(["NAME", "CRON", "TIMEZONE", "TYPE", "CATCH_UP", "ENABLED", "NEXT RUN", "LAST RUN", "JOBS"],
+          [[str(r["name"]), str(r["cron"]), str(r["timezone"]), str(r["job_type"]), str(r["catch_up"]),
+            "yes" if r["enabled"] else "no", fmt(r["next_run_at"]) if r["next_run_at"] else "-",
+            fmt(r["last_run_at"]) if r["last_run_at"] else "-", str(r["jobs_created"])] for r in rows])
+    return 0
+
+
+@_refusal_exits_1
+def _cmd_schedules_enable(args: argparse.Namespace, env: Environment) -> int:
+    from reactor.ops.runbook import connect, set_schedule_enabled
+
+    enabled = args.schedules_command == "enable"
+    with connect(resolve_dsn(args.dsn, env)) as conn:
+        row = set_schedule_enabled(conn, args.name, enabled)
+    if args.json:
+        print_json(row)
+    elif enabled:
+        say(f"schedule {row['name']} enabled; next run {fmt(row['next_run_at'])}")
+    else:
+        say(f"schedule {row['name']} disabled")
+    return 0
+
+
+@_refusal_exits_1
+def _cmd_schedules_run_now(args: argparse.Namespace, env: Environment) -> int:
+    from reactor.ops.runbook import connect, run_schedule_now
+
+    with connect(resolve_dsn(args.dsn, env)) as conn:
+        job = run_schedule_now(conn, args.name)
+    if args.json:
+        print_json(job)
+    else:
+        say(f"job {job['id']} ({job['job_type']}, {job['priority']}) queued for schedule {args.name}")
+    return 0
+
+
 def add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         add_dsn(p)
@@ -382,6 +429,22 @@ def add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     given.add_argument("--payload", metavar="JSON", help='the whole payload, e.g. \'{"question": "Why?"}\'')
     given.add_argument("--input", metavar="TEXT", help="the job type's input field (doubt: question)")
     p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("schedules", help="periodic schedules (job_schedules): list, enable, disable, run-now")
+    common(p)
+    p.set_defaults(func=_cmd_schedules_list)
+    schedules_sub = p.add_subparsers(dest="schedules_command")
+    q = schedules_sub.add_parser("list", help="every schedule with its next and last run (the default)")
+    common(q)
+    q.set_defaults(func=_cmd_schedules_list)
+    for name, what in (("enable", "enable a schedule: its next slot from now on (exit 1: no such schedule)"),
+                       ("disable", "disable a schedule: no job until enabled (exit 1: no such schedule)"),
+                       ("run-now", "one job of the schedule now; its slots are unchanged (exit 1: no such "
+                                   "schedule)")):
+        q = schedules_sub.add_parser(name, help=what)
+        common(q)
+        q.add_argument("name", help="the schedule's name")
+        q.set_defaults(func=_cmd_schedules_run_now if name == "run-now" else _cmd_schedules_enable)
 
     p = sub.add_parser("check", help="pre-flight: database, LISTEN/NOTIFY, not a transaction pooler, "
                                      "migrations, orchestrator (exit 1 if any fails)")

@@ -22,7 +22,8 @@ live with the code that raises them::
     ├── BadRequest             (web/protocol.py) a feed handshake is answered 400
     ├── Refused                (ops/runbook.py) a runbook command ran and the answer is no (exit 1)
     │   ├── JobNotFoundError   no job has this id
-    │   └── JobStateError      the job's status does not allow the change
+    │   ├── JobStateError      the job's status does not allow the change
+    │   └── ScheduleNotFoundError  no schedule has this name
     └── SmokeFailed            (ops/smoke.py) a step of the smoke test failed
 
 Private ones, never seen outside their module, join too: the render client's ``_Dropped`` and

@@ -24,8 +24,10 @@ __all__ = ["CHANNELS", "Notice", "parse_notice"]
 
 logger = logging.getLogger(__name__)
 
-#: job events and config changes (dispatch and feed), alert transitions and circuit states (feed)
-CHANNELS = ("reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet")
+#: job events and config changes (dispatch and feed), alert transitions and circuit states (feed),
+#: a job delayed to a future run_after (dispatch) and a schedule changed (the scheduler)
+CHANNELS = ("reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet", "reactor_due",
+            "reactor_schedules")
 
 
 #: deeper payloads are ignored: the reactor's own are 1 deep, and anyone may NOTIFY these channels

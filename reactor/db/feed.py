@@ -37,6 +37,10 @@ _STATUS_SQL = {
     "pause": """
         SELECT max_concurrent_renders AS previous, paused_at, paused_by FROM reactor.paused_limits""",
     "stats": "SELECT * FROM public.get_queue_stats()",
+    "schedules": """
+        SELECT name, cron, timezone, job_type, priority, enabled, catch_up, next_run_at, last_run_at,
+               jobs_created
+          FROM public.job_schedules ORDER BY next_run_at NULLS LAST, name LIMIT 50""",
 }
 
 
@@ -112,7 +116,7 @@ class FeedStore:
 
     async def status(self, wait_s: float) -> dict[str, list[dict[str, Any]]]:
         """What the dashboard's ``status`` request shows: ``alerts``, ``circuits``, ``config``,
-        ``pause``, ``stats``."""
+        ``pause``, ``stats``, ``schedules`` (the next to run first)."""
         return await self.read_only(_STATUS_SQL, {}, wait_s)
 
     async def ping(self, wait_s: float) -> str | None:

@@ -269,6 +269,23 @@ class Database:
         rows = await self._rows("next_wakeups", {"since": "infinity"})
         return rows[0]
 
+    # -- schedules -------------------------------------------------------------------------------
+
+    async def fire_schedules(self, now: datetime | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Make the jobs of every schedule slot due (by the database's clock, or ``now``), then read
+        the earliest next run: one transaction. Returns (slots acted on, {next_run_at, db_now})."""
+        with database_errors():
+            async with self.pool.connection() as conn, conn.transaction(), \
+                    conn.cursor(row_factory=dict_row) as cur:
+                # the scheduler's own actor: the jobs it makes must wake this reactor's dispatcher too
+                await cur.execute("SELECT set_config('reactor.actor', %s, true)",
+                                  (f"reactor:{self.reactor_id}:schedules",))
+                await cur.execute(self._q["fire_schedules"], {"now": now})
+                fired = await cur.fetchall()
+                await cur.execute(self._q["next_schedule"])
+                nxt = await cur.fetchone()
+        return fired, nxt or {}
+
     async def set_circuit(self, state: str, since: datetime | None) -> None:
         await self._rows("set_circuit", {"reactor": self.reactor_id, "state": state, "since": since})
 

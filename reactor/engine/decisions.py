@@ -71,7 +71,7 @@ class Reaction:
     """What a notification asks of the dispatcher."""
 
     claim: bool = False  # something may be claimable now
-    due_dirty: bool = False  # re-read the next due time (and whether dispatch is paused)
+    due_dirty: bool = False  # re-read the next due time (and whether dispatch is paused) before sleeping
     check_lost: bool = False  # a job we render may have been taken from us: check which we still hold
 
 
@@ -80,6 +80,8 @@ def notice_reaction(notice: Notice, actor: str, inflight: Collection[UUID]) -> R
     we render (``reactor_events`` and ``reactor_config``; the other channels are the feed's)."""
     if notice.channel == "reactor_config":
         return Reaction(claim=True, due_dirty=True)  # limits changed (paused?): re-read with the due time
+    if notice.channel == "reactor_due":
+        return Reaction(due_dirty=True)  # a job waits for a future run_after: maybe sooner than we knew
     if notice.channel != "reactor_events":
         return Reaction()
     if notice.truncated:

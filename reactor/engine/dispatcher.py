@@ -167,6 +167,7 @@ class Dispatcher:
             self.wake()
         if react.due_dirty:
             self._due_dirty = True
+            self.wake()  # it may be sooner than the due time we sleep until
         if react.claim:
             self._want_claim()
 

@@ -436,3 +436,33 @@ def submit(
         })
     assert row is not None
     return row
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+class ScheduleNotFoundError(Refused):
+    """No schedule has this name."""
+
+
+def list_schedules(conn: Conn) -> list[Row]:
+    """Every schedule, the next to run first (disabled ones last)."""
+    return conn.all("list_schedules")
+
+
+def set_schedule_enabled(conn: Conn, name: str, enabled: bool, *, actor: str | None = None) -> Row:
+    """Enable (the next slot from now on: missed slots are not caught up) or disable a schedule."""
+    with conn.change(actor or default_actor()):
+        row = conn.one("set_schedule_enabled", {"name": name, "enabled": enabled})
+    if row is None:
+        raise ScheduleNotFoundError(f"no schedule {name!r}")
+    return row
+
+
+def run_schedule_now(conn: Conn, name: str, *, actor: str | None = None) -> Row:
+    """One job of the schedule now, outside its slots (its next slot stays as it is)."""
+    with conn.change(actor or default_actor()):
+        made = conn.one("run_schedule_now", {"name": name})
+        if made is None or made["id"] is None:
+            raise ScheduleNotFoundError(f"no schedule {name!r}")
+        return _get(conn, made["id"])

@@ -10,10 +10,11 @@ short string or a number), echoed back:
   (payload, result, error fields) and its history, for admins and for the job's owner (anyone else:
   ``{"type": "job", "id": ID, "error": "not found"}``, so a job's existence is not revealed);
 * ``{"type": "status"}`` (admins) -> ``{"type": "status", "alerts": [...], "circuits": [...],
-  "config": {...}, "pause": {...} | null, "stats": {...}}``: the alerts firing, the live reactors
-  whose circuit is not closed, the limits as configured, who paused dispatch, and
-  ``get_queue_stats()`` now (the feed pushes stats only after events: a page that resumed, or that
-  sat through a quiet hour, reads them here);
+  "config": {...}, "pause": {...} | null, "stats": {...}, "schedules": [...]}``: the alerts firing,
+  the live reactors whose circuit is not closed, the limits as configured, who paused dispatch,
+  the schedules with their next runs (the next first), and ``get_queue_stats()`` now (the feed
+  pushes stats only after events: a page that resumed, or that sat through a quiet hour, reads
+  them here);
 * ``{"type": "action", "action": "cancel" | "retry" | "pause" | "resume" | "set_limits", "id"?,
   "values"?}`` -> ``{"type": "action_result", "ok": bool, "error"?}``: admins only (anyone else gets
   ``ok: false, error: "forbidden"`` and nothing changes). The actions are the runbook's own, given
@@ -237,6 +238,7 @@ class Dashboard:
             "config": got["config"][0] if got["config"] else None,
             "pause": got["pause"][0] if got["pause"] else None,
             "stats": got["stats"][0] if got["stats"] else None,
+            "schedules": got["schedules"],
         }
 
     async def _action(self, principal: Principal, msg: Mapping[str, Any]) -> dict[str, Any]:

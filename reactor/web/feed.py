@@ -150,8 +150,8 @@ class Feed:
         if notice.channel == "reactor_config":
             self._fanout.wake_stats()
             return
-        if notice.channel in ("reactor_alerts", "reactor_fleet"):
-            return  # not job events: nothing to read
+        if notice.channel != "reactor_events":
+            return  # alerts, circuits, due times, schedules: not job events, nothing to read
         if notice.truncated:
             self._fanout.resync_all("jobs were truncated")
             return

@@ -5,7 +5,8 @@ per-job or per-user labels. Two kinds of figures:
 
 * fleet-wide state, read from the database at scrape time (every reactor reports the same value:
   aggregate with ``max``, not ``sum``): jobs by status and queued jobs by priority (from
-  ``reactor.counters``), the age of the oldest queued job, NOTIFY queue usage;
+  ``reactor.counters``), the age of the oldest queued job, NOTIFY queue usage, and each schedule's
+  next and last run, jobs made and slots skipped (``job_schedules``; a label per schedule);
 * what this reactor did, counted from the events it reads for the feed, keeping those whose
   ``actor`` is this reactor or its sweep (sum them across reactors): jobs finished by outcome and
   error category, retries, first-attempt wait and per-attempt run times; plus sweep recoveries,
@@ -69,7 +70,7 @@ class Metrics:
         self.part_restarts = Counter(
             "reactor_part_restarts", "Times a part of this reactor was restarted after it failed unexpectedly.",
             ["part"], registry=r)
-        for part in ("dispatcher", "listener", "sweeper"):
+        for part in ("dispatcher", "listener", "sweeper", "scheduler"):
             self.part_restarts.labels(part)
         for kind in ("admin", "user"):
             self.feed_clients.labels(kind)
@@ -174,6 +175,7 @@ class _LiveCollector:
                 "PostgreSQL's NOTIFY queue is (0 to 1).")
             usage.add_metric([], float(db.get("notification_queue_usage") or 0.0))
             yield usage
+            yield from _schedule_metrics(db.get("schedules"))
         if self.listener_connected is not None:
             connected = GaugeMetricFamily("reactor_listener_connected", "1 while the LISTEN connection is up.")
             connected.add_metric([], 1.0 if self.listener_connected() else 0.0)
@@ -206,6 +208,35 @@ class _LiveCollector:
             for name in sorted(set(self.alert_names) | firing):
                 alerts.add_metric([name], 1.0 if name in firing else 0.0)
             yield alerts
+
+
+def _schedule_metrics(rows: object) -> Iterable[Metric]:
+    """The schedules' figures (a list of objects, as ``feed_metrics`` reads them)."""
+    schedules = [r for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)] \
+        if isinstance(rows, list) else []
+    enabled = GaugeMetricFamily("reactor_schedule_enabled", "1 for each enabled schedule (fleet-wide).",
+                                labels=["schedule"])
+    next_run = GaugeMetricFamily(
+        "reactor_schedule_next_run_timestamp_seconds", "Next slot of each enabled schedule, Unix time.",
+        labels=["schedule"])
+    last_run = GaugeMetricFamily(
+        "reactor_schedule_last_run_timestamp_seconds", "Slot (or run-now time) of the last job each schedule "
+        "made, Unix time.", labels=["schedule"])
+    made = CounterMetricFamily("reactor_schedule_jobs_created", "Jobs each schedule made (fleet-wide).",
+                               labels=["schedule"])
+    skipped = CounterMetricFamily(
+        "reactor_schedule_slots_skipped", "Slots each schedule skipped under its catch_up (fleet-wide).",
+        labels=["schedule"])
+    for s in schedules:
+        name = [s["name"]]
+        enabled.add_metric(name, 1.0 if s.get("enabled") else 0.0)
+        if isinstance(s.get("next_run_at"), int | float):
+            next_run.add_metric(name, float(s["next_run_at"]))
+        if isinstance(s.get("last_run_at"), int | float):
+            last_run.add_metric(name, float(s["last_run_at"]))
+        made.add_metric(name, float(s.get("jobs_created") or 0))
+        skipped.add_metric(name, float(s.get("slots_skipped") or 0))
+    yield from (enabled, next_run, last_run, made, skipped)
 
 
 def _observe_between(target: Histogram, start: object, end: object) -> None:

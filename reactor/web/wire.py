@@ -55,6 +55,9 @@ def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
         job["video_url"] = row["video_url"]
     if "queue_position" in row:
         job["queue_position"] = row["queue_position"]
+    if row.get("scheduled_for") is not None:
+        job["scheduled"] = True  # queued, waiting for its run_after: no queue position until then
+        job["run_after"] = row["scheduled_for"]
     return job
 
 
@@ -77,6 +80,9 @@ def entry(row: Mapping[str, Any]) -> Entry:
     }
     if row.get("video_url"):
         job["video_url"] = row["video_url"]
+    if row.get("scheduled_for") is not None:
+        job["scheduled"] = True
+        job["run_after"] = row["scheduled_for"]
     msg = {"type": "event", "seq": row["seq"], "kind": row["kind"], "at": row["at"], "job": job}
     user = dumps(msg) if row["user_id"] is not None else None
     msg["actor"] = row["actor"]

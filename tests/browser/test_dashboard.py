@@ -109,6 +109,8 @@ def test_tiles_show_true_counts_and_jobs_change_live(
     pause(db)
     for p in ("high", "high", "medium", "low", "low", "low"):
         insert(db, priority=p)
+    db.execute("INSERT INTO job_schedules (name, cron, timezone, job_type, payload) "
+               "VALUES ('digest', '0 6 * * *', 'Asia/Kolkata', 'daily_ca', '{\"date\": \"{{date}}\"}')")
 
     tok = admin_token()
     open_signed_in(page, dashboard, tok)
@@ -127,6 +129,11 @@ def test_tiles_show_true_counts_and_jobs_change_live(
     expect(page.locator("#tile-oldest .value")).not_to_have_text("none")
     for p in ("high", "medium", "low"):
         expect(page.locator(f"#prio-{p} .n")).to_have_text(str(s[f"queued_{p}"]))
+    # the schedules' next runs
+    schedule = page.locator("#schedules-body tr[data-schedule='digest']")
+    expect(schedule).to_contain_text("0 6 * * * Asia/Kolkata", timeout=TIMEOUT_MS)
+    expect(schedule.locator(".next-run")).not_to_have_text("–")
+    expect(page.locator("#schedules-empty")).to_be_hidden()
 
     # the failed job: its category and message, as the database has them
     err = db.execute("SELECT error_category, error_message FROM jobs WHERE id = %s", (failed,)).fetchone()

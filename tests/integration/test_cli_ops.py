@@ -1,5 +1,5 @@
 """The runbook commands (reactor status, jobs, show, retry, cancel, requeue-stuck, pause, resume,
-config, submit, check) against a real database, through ``reactor.cli.main`` and as a process."""
+config, submit, schedules, check) against a real database, through ``reactor.cli.main`` and as a process."""
 
 from __future__ import annotations
 
@@ -633,3 +633,34 @@ def test_commands_as_a_process(dsn: str, db: Conn) -> None:
     assert (cancel.returncode, cancel.stdout) == (1, "")
     assert cancel.stderr.strip().endswith(
         f"reactor: job {job_id} is completed already: only a queued or processing job can be cancelled")
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def test_schedules_list_enable_disable_run_now(dsn: str, db: Conn, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "schedules", "--dsn", dsn)
+    assert (rc, out.strip()) == (0, "no schedules (add one with INSERT INTO job_schedules)")
+    db.execute("INSERT INTO job_schedules (name, cron, timezone, job_type, payload) "
+               "VALUES ('digest', '0 6 * * *', 'Asia/Kolkata', 'daily_ca', '{\"date\": \"{{date}}\"}')")
+    rc, out, _ = run(capsys, "schedules", "list", "--dsn", dsn)
+    assert rc == 0 and "digest" in out and "0 6 * * *" in out and "Asia/Kolkata" in out
+    [row] = run_json(capsys, "schedules", "--dsn", dsn)
+    assert row["name"] == "digest" and row["enabled"] is True and row["next_run_at"] is not None
+
+    rc, out, _ = run(capsys, "schedules", "disable", "--dsn", dsn, "digest")
+    assert (rc, out.strip()) == (0, "schedule digest disabled")
+    assert db.execute("SELECT enabled, next_run_at FROM job_schedules").fetchone() == (False, None)
+    rc, out, _ = run(capsys, "schedules", "enable", "--dsn", dsn, "digest")
+    assert rc == 0 and out.startswith("schedule digest enabled; next run ")
+
+    job = run_json(capsys, "schedules", "run-now", "--dsn", dsn, "digest")
+    assert job["schedule_name"] == "digest" and job["idempotency_key"].startswith("schedule:digest:")
+    assert job["payload"]["date"] == db.execute(
+        "SELECT to_char(now() AT TIME ZONE 'Asia/Kolkata', 'YYYY-MM-DD')").fetchone()[0]  # type: ignore[index]
+    actor = db.execute("SELECT actor FROM job_events WHERE job_id = %s", (job["id"],)).fetchone()
+    assert actor is not None and actor[0].startswith("cli:")
+
+    for command in ("enable", "disable", "run-now"):
+        rc, out, err = run(capsys, "schedules", command, "--dsn", dsn, "nope")
+        assert (rc, out, err.strip()) == (1, "", "reactor: no schedule 'nope'")

@@ -146,3 +146,31 @@ async def test_alerts_and_circuits_are_forwarded_to_admins(dsn: str, db: psycopg
         assert got == [{"type": "alert", **alert}, {"type": "circuit", **circuit}]
         # users hear nothing of it (their next message is a heartbeat)
         assert (await recv(user))["type"] == "heartbeat"
+
+
+async def test_status_shows_the_schedules_next_runs_and_delayed_jobs_show_as_scheduled(
+    dsn: str, db: psycopg.Connection[Any],
+) -> None:
+    db.execute("INSERT INTO job_schedules (name, cron, job_type, payload, enabled) VALUES "
+               "('digest', '0 6 * * *', 'daily_ca', '{\"date\": \"{{date}}\"}', true), "
+               "('weekly', '0 7 * * MON', 'topic_short', '{\"topic\": \"recap {{date}}\"}', false)")
+    delayed = db.execute("INSERT INTO jobs (job_type, payload, run_after) VALUES "
+                         "('topic_short', '{\"topic\": \"later\"}', now() + interval '1 hour') RETURNING id").fetchone()
+    assert delayed is not None
+    async with OrchestratorDouble() as orch, feed_reactor(dsn, orch.url) as svc, connect(url(svc)) as ws:
+        snap = await signed_in(ws, admin())
+        [job] = [j for j in snap["jobs"] if j["id"] == str(delayed[0])]
+        assert job["status"] == "queued" and job["scheduled"] is True and job["run_after"]
+        assert snap["queue"] == []  # no position until due
+        status = await ask(ws, {"type": "status"})
+        assert [(s["name"], s["enabled"], s["next_run_at"] is not None) for s in status["schedules"]] == [
+            ("digest", True, True), ("weekly", False, False)]
+        # a delayed job inserted now arrives as an event that says so
+        later = db.execute("INSERT INTO jobs (job_type, payload, run_after) VALUES "
+                           "('topic_short', '{\"topic\": \"l\"}', now() + interval '1 hour') RETURNING id").fetchone()
+        assert later is not None
+        while True:
+            msg = await recv(ws)
+            if msg["type"] == "event" and msg["job"]["id"] == str(later[0]):
+                break
+        assert msg["kind"] == "inserted" and msg["job"]["scheduled"] is True and msg["job"]["run_after"]

@@ -480,7 +480,7 @@ async def test_readyz_follows_the_database() -> None:
                 httpx.AsyncClient(base_url=http_base(svc), timeout=10) as http:
             resp = await http.get("/readyz")
             assert resp.status_code == 200
-            parts = {p: "running" for p in ("dispatcher", "listener", "feed", "sweeper", "alerts")}
+            parts = {p: "running" for p in ("dispatcher", "listener", "feed", "sweeper", "scheduler", "alerts")}
             assert resp.json() == {"ready": True, "database": "ok", "listener": "connected", "stopping": False,
                                    "parts": parts}
             await anyio.to_thread.run_sync(server.stop)

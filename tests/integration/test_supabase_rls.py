@@ -211,6 +211,10 @@ def test_applies_reruns_and_rolls_back_to_the_same_catalog(
         assert expected in added, expected
     anon = sorted(name for _, name in after if name.startswith("acl ") and " anon " in name)
     assert anon == ["acl schema auth anon USAGE", "acl schema public anon USAGE"]  # Supabase's own
+    # schedules are never the users' (migration 0011 revoked what the default privileges gave them)
+    assert not [n for _, n in before | after if n.startswith("acl public.job_schedules ")
+                and (" anon " in n or " authenticated " in n)]
+    assert ("security", "acl public.job_schedules kind=r service_role INSERT") in after
     with psycopg.connect(supa_dsn, autocommit=True) as conn:
         assert 1001 in applied_versions(conn)
 

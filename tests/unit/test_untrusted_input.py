@@ -27,7 +27,8 @@ from reactor.engine.decisions import Reaction, notice_reaction
 from reactor.render.client import _read_answer
 
 ACTOR = "reactor:me"
-CHANNELS = ["reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet", "other"]
+CHANNELS = ["reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet", "reactor_due",
+            "reactor_schedules", "other"]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -106,6 +107,9 @@ def test_reaction_to_events(payload: dict[str, Any], reaction: Reaction) -> None
 def test_reaction_to_other_channels() -> None:
     assert notice_reaction(parse_notice("reactor_config", ""), ACTOR, set()) == Reaction(claim=True, due_dirty=True)
     assert notice_reaction(parse_notice("reactor_alerts", '{"alert": "x"}'), ACTOR, set()) == Reaction()
+    # a job delayed to a future run_after: re-read the due time (anyone may send it: it costs one read)
+    assert notice_reaction(parse_notice("reactor_due", "{}"), ACTOR, set()) == Reaction(due_dirty=True)
+    assert notice_reaction(parse_notice("reactor_schedules", "{}"), ACTOR, set()) == Reaction()
     many_cancelled = parse_notice("reactor_events", '{"n": 3, "c": 3, "actor": "sql"}')
     assert notice_reaction(many_cancelled, ACTOR, {uuid4()}) == Reaction(check_lost=True)
 

@@ -378,6 +378,8 @@
     });
     if (!old) job.created_at = msg.at;
     if (e.video_url) job.video_url = e.video_url;
+    job.scheduled = Boolean(e.scheduled);
+    job.run_after = e.run_after || null;
     if (job.status !== "queued") delete job.queue_position;
     if (!e.error_category) job.error_message = null;
     if (msg.kind === "failed" || msg.kind === "retrying") {
@@ -451,6 +453,7 @@
     for (const c of r.circuits || []) state.circuits.set(c.reactor, c);
     state.config = r.config;
     state.pause = r.pause;
+    renderSchedules(r.schedules || []);
     if (r.stats && (!state.stats || r.stats.last_seq >= state.stats.last_seq)) onStats(r.stats, true);
     renderBanners();
     renderControls();
@@ -503,6 +506,20 @@
       li.querySelector(".n").textContent = fmtCount(n);
       li.querySelector(".fill").style.width = `${(100 * n) / total}%`;
     }
+  }
+
+  function renderSchedules(rows) {
+    const body = $("schedules-body");
+    body.replaceChildren(...rows.map((s) => el("tr", { dataset: { schedule: s.name } },
+      el("td", { class: "mono", text: s.name }),
+      el("td", { class: "mono", text: `${s.cron} ${s.timezone}` }),
+      el("td", { text: s.job_type }),
+      el("td", { class: "next-run", text: s.enabled ? fmtWhen(s.next_run_at) : "disabled" }),
+      el("td", { text: s.last_run_at ? fmtWhen(s.last_run_at) : "–" }),
+      el("td", { text: fmtCount(s.jobs_created) }),
+    )));
+    body.parentElement.hidden = rows.length === 0;
+    $("schedules-empty").hidden = rows.length !== 0;
   }
 
   function renderOldest() {
@@ -655,7 +672,11 @@
 
   function jobRow(j) {
     const status = [badge("status", j.status)];
-    if (j.status === "queued" && j.queue_position) status.push(el("span", { class: "hint", text: ` #${j.queue_position}` }));
+    if (j.status === "queued" && j.scheduled) {
+      status.push(el("span", { class: "badge scheduled", text: "scheduled", title: `runs at ${fmtWhen(j.run_after)}` }));
+    } else if (j.status === "queued" && j.queue_position) {
+      status.push(el("span", { class: "hint", text: ` #${j.queue_position}` }));
+    }
     if (j.retry_count) status.push(el("span", { class: "hint", text: ` retry ${j.retry_count}` }));
     const err = j.error_category
       ? [el("span", { class: "cat", text: j.error_category }), j.error_message ? el("span", { class: "m", text: ` ${j.error_message}` }) : null]
