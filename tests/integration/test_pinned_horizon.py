@@ -126,7 +126,7 @@ def test_prune_goes_on_from_where_it_stopped(conn: Conn, pinned: Conn) -> None:
     row = conn.execute("SELECT events_pruned, totals_from FROM reactor.prune()").fetchone()
     assert row is not None
     newest = conn.execute("SELECT max(id) FROM reactor.totals").fetchone()
-    assert row[1] == newest[0] if newest else None
+    assert newest is not None and row[1] == newest[0]
     assert conn.execute("SELECT count(*) FROM reactor.totals").fetchone() == (1,)
     run_through(conn, 1500)
     full = buffers(conn, "SELECT * FROM reactor.prune()")
