@@ -86,9 +86,12 @@ SELECT j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_co
  LIMIT %(limit)s
 
 -- name: feed_positions
+-- the jobs by key first (OFFSET 0 keeps the status test out of the scan, or the planner may walk a
+-- queued-jobs index and its dead entries: migration 0012)
 SELECT j.id, j.queue_position
-  FROM public.jobs j
- WHERE j.id = ANY(%(ids)s::uuid[]) AND j.status = 'queued'
+  FROM (SELECT k.id, k.status, k.queue_position FROM public.jobs k
+         WHERE k.id = ANY(%(ids)s::uuid[]) OFFSET 0) j
+ WHERE j.status = 'queued'
 
 -- name: feed_metrics
 SELECT c.last_seq, c.queued, c.processing, c.completed, c.failed, c.cancelled,
