@@ -72,7 +72,7 @@ class Run:
 
 def inserter(dsn: str, rate: float, run: Run) -> None:
     interval = 1.0 / rate
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, application_name="bench inserter") as conn:
         next_at = time.perf_counter()
         i = 0
         while not run.stop.is_set():
@@ -181,6 +181,22 @@ class Profiler:
         self.statements: dict[int, dict[str, tuple[int, float, int]]] = {}
         self.vacuums: dict[int, dict[str, tuple[int, int]]] = {}
         self._last_cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, cpu seconds so far)
+        self.waits: dict[int, dict[tuple[str, str], int]] = {}  # minute -> (session, wait) -> samples
+
+    def sample_waits(self, run: Run) -> None:
+        """Every 20 ms: what each active session of the bench and the reactor is doing (a wait event,
+        or on CPU), counted per minute; 50 samples a second of one session are a second of it."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not run.stop.is_set():
+                m = int((time.time() - run.t0) // 60)
+                bucket = self.waits.setdefault(m, {})
+                for app, wtype, wevent in conn.execute(
+                        "SELECT application_name, wait_event_type, wait_event FROM pg_stat_activity "
+                        "WHERE backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid()"
+                        ).fetchall():
+                    key = (app or "(none)", f"{wtype}:{wevent}" if wtype else "CPU")
+                    bucket[key] = bucket.get(key, 0) + 1
+                time.sleep(0.02)
 
     @staticmethod
     def _cpu_s(pid: int) -> float | None:
@@ -278,6 +294,14 @@ class Profiler:
                     c, ms, blks = deltas[m].get(q, (0, 0.0, 0))
                     cells.append(f"{ms / c:.2f}/{blks / c:.0f} x{c}" if c else "-")
                 out.append(f"| `{q}` | " + " | ".join(cells) + " |")
+        wm = sorted(self.waits)
+        keys = sorted({k for b in self.waits.values() for k in b}, key=lambda k: -sum(
+            b.get(k, 0) for b in self.waits.values()))[:12]
+        out += ["--- profile: active sessions by wait event, samples per minute (every 20 ms) ---",
+                "| session: wait | " + " | ".join(str(m + 1) for m in wm) + " |",
+                "|---|" + "---|" * len(wm)]
+        for k in keys:
+            out.append(f"| {k[0]}: {k[1]} | " + " | ".join(str(self.waits[m].get(k, 0)) for m in wm) + " |")
         vm = sorted(self.vacuums)
         out += ["--- profile: autovacuum / autoanalyze runs per minute ---"]
         for t in sorted({t for v in self.vacuums.values() for t in v}):
@@ -384,7 +408,8 @@ def main() -> int:
     ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose reactor and migrations run")
     ap.add_argument("--explain", action="store_true", help="plans at minute 1 and 8 of the hold")
     ap.add_argument("--profile", action="store_true",
-                    help="per minute: CPU per process group, the costliest statements, autovacuum runs")
+                    help="per minute: CPU per process group, the costliest statements, active sessions by wait "
+                         "event (sampled every 20 ms), autovacuum runs")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a server setting for the run (repeatable), e.g. --set autovacuum=off")
     args = ap.parse_args()
@@ -432,6 +457,7 @@ def main() -> int:
             profiler = Profiler(dsn, {"reactor (python)": procs[1].pid, "double (python)": procs[0].pid})
             if args.profile:
                 threads.append(threading.Thread(target=profiler.run, args=(run,), daemon=True))
+                threads.append(threading.Thread(target=profiler.sample_waits, args=(run,), daemon=True))
             for th in threads:
                 th.start()
             print(f"tree {tree}, mode {args.mode}: quiet {args.baseline:.0f} s, hold {args.hold:.0f} s, "
