@@ -182,6 +182,7 @@ class Profiler:
         self.vacuums: dict[int, dict[str, tuple[int, int]]] = {}
         self._last_cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, cpu seconds so far)
         self.waits: dict[int, dict[tuple[str, str], int]] = {}  # minute -> (session, wait) -> samples
+        self.wal: dict[int, tuple[float, ...]] = {}  # minute -> pg_stat_wal and checkpoint counters so far
 
     def sample_waits(self, run: Run) -> None:
         """Every 20 ms: what each active session of the bench and the reactor is doing (a wait event,
@@ -237,6 +238,11 @@ class Profiler:
                     self.vacuums[m] = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
                         "SELECT relname, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables "
                         "WHERE schemaname = 'reactor'").fetchall()}
+                    wal = conn.execute(
+                        "SELECT w.wal_records, w.wal_fpi, w.wal_bytes, w.wal_sync, w.wal_sync_time, "
+                        "b.checkpoints_timed + b.checkpoints_req FROM pg_stat_wal w, pg_stat_bgwriter b").fetchone()
+                    assert wal is not None
+                    self.wal[m] = tuple(float(v) for v in wal)
                     minute = m
                 apps = {int(r[0]): r[1] or "" for r in conn.execute(
                     "SELECT pid, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'"
@@ -302,6 +308,20 @@ class Profiler:
                 "|---|" + "---|" * len(wm)]
         for k in keys:
             out.append(f"| {k[0]}: {k[1]} | " + " | ".join(str(self.waits[m].get(k, 0)) for m in wm) + " |")
+        walm = sorted(self.wal)
+        out += ["--- profile: WAL per minute (pg_stat_wal; sync ms with track_wal_io_timing) ---",
+                "| | " + " | ".join(str(m + 1) for m in walm[:-1]) + " |", "|---|" + "---|" * (len(walm) - 1)]
+        for i, (label, scale, fmt) in enumerate([
+                ("records", 1, "{:.0f}"), ("full-page images", 1, "{:.0f}"), ("MB", 1e6, "{:.1f}"),
+                ("syncs", 1, "{:.0f}"), ("sync ms each", 0, "{:.2f}"), ("checkpoints", 1, "{:.0f}")]):
+            cells = []
+            for a, b in itertools.pairwise(walm):
+                if scale == 0:  # sync time per sync
+                    n = self.wal[b][3] - self.wal[a][3]
+                    cells.append(fmt.format((self.wal[b][4] - self.wal[a][4]) / n) if n else "-")
+                else:
+                    cells.append(fmt.format((self.wal[b][i] - self.wal[a][i]) / scale))
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
         vm = sorted(self.vacuums)
         out += ["--- profile: autovacuum / autoanalyze runs per minute ---"]
         for t in sorted({t for v in self.vacuums.values() for t in v}):
@@ -421,7 +441,8 @@ def main() -> int:
         # durable, with autovacuum: as in production
         settings = {"max_connections": "300", "shared_buffers": "128MB"}
         if args.profile:
-            settings |= {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all"}
+            settings |= {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all",
+                         "track_wal_io_timing": "on"}
         settings |= dict(kv.split("=", 1) for kv in args.set)
         server = EmbeddedPostgres(settings=settings)
         dsn = server.start()
