@@ -1,0 +1,115 @@
+-- Rollback of 0012_dedup_cache_retention: no deduplication, no render cache, no retention of jobs;
+-- the journal's functions and the primary key of reactor.jobs come back as 0001 made them.
+--     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/rollback/0012_dedup_cache_retention.sql
+-- jobs.idempotency_key stays when 0011_schedules (which adds it too) is applied.
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001)
+       AND NOT EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 11 AND name = 'schedules') THEN
+        RAISE EXCEPTION 'roll back the Supabase hardening first (reactor migrate --down --supabase): this rollback '
+            'recreates the view jobs, whose privileges that hardening set'
+            USING ERRCODE = 'object_in_use';
+    END IF;
+END
+$$;
+
+-- 3. Retention ------------------------------------------------------------------------------------
+
+DROP FUNCTION reactor.prune_jobs(integer, timestamptz);
+DROP TRIGGER jobs_stage_deletes ON reactor.jobs;
+CREATE TRIGGER jobs_stage_deletes AFTER DELETE ON reactor.jobs
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION reactor.stage_deletes();
+ALTER TABLE public.job_queue_config DROP COLUMN job_retention;
+
+-- 1. Deduplication --------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION reactor.stage_inserts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO reactor.event_stage
+        (job_id, kind, status, priority, job_type, renderer, user_id, retry_count, error_category, actor)
+    SELECT n.id, 'inserted', n.status, n.priority, n.job_type, n.renderer, n.user_id, n.retry_count,
+           n.error_category, reactor.current_actor()
+    FROM new_rows n ORDER BY n.job_no;
+    IF FOUND THEN
+        INSERT INTO reactor.pending_commits VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION reactor.stage_deletes() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO reactor.event_stage
+        (job_id, kind, old_status, old_priority, priority, job_type, renderer, user_id, retry_count,
+         error_category, actor)
+    SELECT o.id, 'deleted', o.status, o.priority, o.priority, o.job_type, o.renderer, o.user_id,
+           o.retry_count, o.error_category, reactor.current_actor()
+    FROM old_rows o ORDER BY o.job_no;
+    IF FOUND THEN
+        INSERT INTO reactor.pending_commits VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001) THEN
+        ALTER FUNCTION reactor.stage_inserts() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+        ALTER FUNCTION reactor.stage_deletes() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+    END IF;
+END
+$$;
+
+DROP TRIGGER "Jobs_drop_idempotent_standin" ON reactor.jobs;
+DROP FUNCTION reactor.jobs_drop_standin();
+DROP TRIGGER jobs_submit_once ON reactor.jobs;
+DROP FUNCTION reactor.jobs_idempotent_insert();
+DROP INDEX reactor.jobs_idempotency_idx;
+ALTER TABLE reactor.jobs DROP CONSTRAINT jobs_pkey, ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
+ALTER TABLE reactor.jobs DROP COLUMN idempotent_standin;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 11 AND name = 'schedules') THEN
+        -- 0012 added the key and showed it in the view: the view of 0001 again
+        DROP VIEW public.jobs;
+        CREATE VIEW public.jobs WITH (security_invoker = true) AS
+        SELECT j.id,
+               j.job_type,
+               j.priority,
+               j.status,
+               j.payload,
+               j.result,
+               j.user_id,
+               j.renderer,
+               CASE WHEN j.status = 'queued'
+                    THEN reactor.queue_position(j.priority_rank, j.created_at, j.job_no) END AS queue_position,
+               j.retry_count,
+               j.max_retries,
+               j.error_message,
+               j.error_category,
+               j.error_details,
+               j.created_at,
+               j.updated_at,
+               j.started_at,
+               j.completed_at,
+               j.run_after,
+               j.attempt,
+               j.locked_by,
+               j.lease_expires_at
+        FROM reactor.jobs j;
+        COMMENT ON VIEW public.jobs IS
+            'One row per job. Insert with INSERT INTO jobs (job_type, payload[, priority, user_id]). '
+            'queue_position is computed when read (1 = next to start) and NULL unless queued. A multi-row '
+            'INSERT ... RETURNING queue_position numbers each row against the queue as it was before the '
+            'statement; read the positions again after a batch insert.';
+        ALTER TABLE reactor.jobs DROP COLUMN idempotency_key;
+    END IF;
+END
+$$;
+
+DELETE FROM reactor.schema_migrations WHERE version = 12;
