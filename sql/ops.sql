@@ -160,3 +160,27 @@ RETURNING name, enabled, next_run_at
 -- name: run_schedule_now
 -- the job made (NULL: no such schedule)
 SELECT reactor.run_schedule_now(%(name)s) AS id
+
+-- name: prune_preview
+-- what `reactor prune` would delete now: finished jobs older than job_retention (by completed_at,
+-- from jobs_completed_idx), and their events
+WITH cfg AS (
+    SELECT c.job_retention, now() - c.job_retention AS cutoff FROM public.job_queue_config c
+), gone AS (
+    SELECT j.id, j.status, j.completed_at
+      FROM reactor.jobs j, cfg
+     WHERE j.completed_at IS NOT NULL AND j.completed_at < cfg.cutoff
+       AND j.status IN ('completed', 'failed', 'cancelled')
+)
+SELECT cfg.job_retention::text AS retention, cfg.cutoff,
+       (SELECT count(*) FROM gone) AS jobs,
+       (SELECT count(*) FROM gone WHERE gone.status = 'completed') AS completed,
+       (SELECT count(*) FROM gone WHERE gone.status = 'failed') AS failed,
+       (SELECT count(*) FROM gone WHERE gone.status = 'cancelled') AS cancelled,
+       (SELECT min(gone.completed_at) FROM gone) AS oldest,
+       (SELECT max(gone.completed_at) FROM gone) AS newest,
+       (SELECT count(*) FROM reactor.events e WHERE e.job_id IN (SELECT gone.id FROM gone)) AS events
+  FROM cfg
+
+-- name: prune_jobs
+SELECT * FROM reactor.prune_jobs(%(limit)s, %(since)s)

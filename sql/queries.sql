@@ -66,3 +66,7 @@ SELECT f.schedule_name, f.slot, f.job_id, f.fired FROM reactor.fire_schedules(co
 
 -- name: next_schedule
 SELECT reactor.next_schedule_at() AS next_run_at, clock_timestamp() AS db_now
+
+-- name: prune_jobs
+-- finished jobs past job_queue_config.job_retention, with their events: one batch (migration 0012)
+SELECT * FROM reactor.prune_jobs(%(limit)s, %(since)s)

@@ -1,5 +1,5 @@
 """The runbook commands: ``status``, ``jobs``, ``show``, ``retry``, ``cancel``, ``requeue-stuck``,
-``pause``, ``resume``, ``config``, ``submit``, ``schedules``, ``check``. The logic is reactor/ops/runbook.py and
+``prune``, ``pause``, ``resume``, ``config``, ``submit``, ``schedules``, ``check``. The logic is reactor/ops/runbook.py and
 reactor/ops/checks.py; printing is here.
 
 Exit codes: 0 done; 1 the command ran and the answer is no (a check failed, no such job, a job
@@ -195,6 +195,28 @@ def _cmd_cancel(args: argparse.Namespace, env: Environment) -> int:
                "the reactor aborts the render when it sees the change)")
     else:
         say(f"cancelled {job_id} (was queued: it will not start)")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace, env: Environment) -> int:
+    from reactor.ops.runbook import connect, prune
+
+    with connect(resolve_dsn(args.dsn, env)) as conn:
+        done = prune(conn, dry_run=args.dry_run, batch=args.batch)
+    if args.json:
+        print_json(done)
+        return 0
+    p = done.preview
+    say(f"retention  {p['retention']}: finished before {fmt(p['cutoff'])}")
+    what = (f"{p['jobs']} jobs ({p['completed']} completed, {p['failed']} failed, {p['cancelled']} cancelled) "
+            f"and {p['events']} events")
+    if p["jobs"]:
+        what += f", finished {fmt(p['oldest'])} to {fmt(p['newest'])}"
+    if done.dry_run:
+        say(f"would go   {what}")
+    else:
+        say(f"deleted    {done.jobs_pruned} jobs and {done.events_pruned} events in {done.batches} batches "
+            f"(found {what})")
     return 0
 
 
@@ -399,6 +421,12 @@ def add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--orphan-seconds", type=float, default=30.0,
                    help="a job processing without a lease is taken back after this long (default 30)")
     p.set_defaults(func=_cmd_requeue_stuck)
+
+    p = sub.add_parser("prune", help="delete finished jobs older than job_retention, with their events, now")
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    p.add_argument("--batch", type=int, default=1000, help="jobs deleted per transaction (default 1000)")
+    p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("pause", help="emergency stop: no new render starts (max_concurrent_renders = 0)")
     common(p)

@@ -87,6 +87,8 @@ class Database:
         #: drop one; from the floor, a sweep visits only those of its last few seconds. None: all.
         self._sweep_floor: datetime | None = None
         self._totals_from = 0
+        #: finished jobs are pruned from this completed_at on (the newest one the last batch deleted)
+        self._prune_floor: datetime | None = None
         #: a live lease below the floor (a claim that committed long after it began, a job the
         #: sweep skipped because it was locked) is found by the next full sweep
         self._full_sweep_at = 0.0
@@ -230,6 +232,13 @@ class Database:
     SWEEP_FLOOR_MARGIN = timedelta(seconds=10)
     #: seconds between sweeps that look at every lease (the first sweep does too)
     FULL_SWEEP_EVERY_S = 300.0
+    #: retention (job_queue_config.job_retention): after each sweep, finished jobs past it are deleted
+    #: in batches of PRUNE_BATCH rows, each its own short transaction (its locks are held that long),
+    #: at most PRUNE_BATCHES per sweep and no more once PRUNE_BUDGET_S has gone by (a busy server
+    #: makes batches slow: the sweep then leaves the rest for the next one)
+    PRUNE_BATCH = 1000
+    PRUNE_BATCHES = 10
+    PRUNE_BUDGET_S = 0.5
 
     async def sweep(self, grace_s: float, orphan_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Requeue what died, prune old events, say we are alive, and read when to look next:
@@ -260,9 +269,30 @@ class Database:
             self._sweep_floor = wakeups["db_now"] - self.SWEEP_FLOOR_MARGIN
         if pruned is not None:
             self._totals_from = int(pruned["totals_from"])
+        wakeups = dict(wakeups or {})
+        wakeups["jobs_pruned"] = await self._prune_jobs(since_floor=not full)
         if full:
             self._full_sweep_at = time.monotonic() + self.FULL_SWEEP_EVERY_S
-        return swept, wakeups or {}
+        return swept, wakeups
+
+    async def _prune_jobs(self, *, since_floor: bool) -> int:
+        """Delete finished jobs past their retention, batch after batch (each one transaction), from
+        where the last batch stopped (``since_floor``; else from the oldest): under a pinned MVCC
+        horizon the jobs deleted before still have their index entries, and no scan may drop them."""
+        since = self._prune_floor if since_floor else None
+        started = time.monotonic()
+        total = 0
+        for _ in range(self.PRUNE_BATCHES):
+            async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(self._q["prune_jobs"], {"limit": self.PRUNE_BATCH, "since": since})
+                row = await cur.fetchone()
+            n = int(row["jobs_pruned"]) if row else 0
+            total += n
+            if row is not None and row["last_completed_at"] is not None:
+                since = self._prune_floor = row["last_completed_at"]
+            if n < self.PRUNE_BATCH or time.monotonic() - started > self.PRUNE_BUDGET_S:
+                break
+        return total
 
     async def next_wakeups(self) -> dict[str, Any]:
         """The earliest delayed job's due time (the dispatcher's question; leases are the sweep's)."""

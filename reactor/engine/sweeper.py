@@ -4,7 +4,8 @@ Every ``every_s`` (30 s), and right after the earliest lease in the database wou
 transaction (reactor/db/store.py ``Database.sweep``) puts back jobs whose lease expired (their
 reactor died), jobs in processing with no lease (set by hand) and jobs processing longer than
 ``job_timeout_minutes`` + ``grace_s``; prunes old events; beats this reactor's heartbeat; and reads
-when to look next. While no lease is held anywhere it sleeps the full period, until a notification
+when to look next; then deletes finished jobs past ``job_retention`` in a few short batches.
+While no lease is held anywhere it sleeps the full period, until a notification
 says work started somewhere (:meth:`Sweeper.on_notice`); sweeps start at least ``min_gap_s`` apart.
 """
 
@@ -96,6 +97,8 @@ class Sweeper:
                     extra={"job_id": str(row["id"]), "status": row["status"], "reason": row["reason"],
                            "held_by": row["held_by"], "category": "TIMEOUT"},
                 )
+            if wakeups.get("jobs_pruned"):
+                logger.info("finished jobs past their retention deleted", extra={"jobs": wakeups["jobs_pruned"]})
             expiry = wakeups.get("next_lease_expiry")
             if not self._wake.is_set():  # else: woken meanwhile, and this answer may be stale
                 self.knows_leases = expiry is not None

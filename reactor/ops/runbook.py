@@ -33,6 +33,7 @@ __all__ = [
     "JobNotFoundError",
     "JobStateError",
     "PauseResult",
+    "PruneResult",
     "Refused",
     "ResumeResult",
     "Session",
@@ -46,6 +47,7 @@ __all__ = [
     "parse_duration",
     "parse_uuid",
     "pause",
+    "prune",
     "requeue_stuck",
     "resume",
     "retry_failed_since",
@@ -281,6 +283,41 @@ def requeue_stuck(
     queued (retry_count + 1, TIMEOUT) or to failed once their retries are spent."""
     with conn.change(actor or default_actor()):
         return conn.all("sweep", {"grace_s": grace_s, "orphan_s": orphan_s})
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    #: what was (or, with dry_run, would be) deleted: retention, cutoff, jobs by status, events,
+    #: oldest and newest completed_at (prune_preview in sql/ops.sql)
+    preview: Row
+    dry_run: bool
+    jobs_pruned: int = 0
+    events_pruned: int = 0
+    batches: int = 0
+
+
+def prune(conn: Conn, *, dry_run: bool = False, batch: int = 1000, actor: str | None = None) -> PruneResult:
+    """What the sweep's retention does, now and to the end: finished jobs (completed, failed,
+    cancelled) whose ``completed_at`` is older than ``job_queue_config.job_retention`` are deleted
+    with their events, ``batch`` rows per transaction. ``dry_run`` only says what would go."""
+    if batch < 1:
+        raise ConfigError(f"--batch must be 1 or more, got {batch}")
+    with conn.reading():
+        preview = conn.one("prune_preview") or {}
+    if dry_run:
+        return PruneResult(preview, True)
+    jobs = events = batches = 0
+    since = None
+    while True:
+        with conn.change(actor or default_actor()):
+            row = conn.one("prune_jobs", {"limit": batch, "since": since}) or {}
+        batches += 1
+        n = int(row.get("jobs_pruned") or 0)
+        jobs += n
+        events += int(row.get("events_pruned") or 0)
+        since = row.get("last_completed_at") or since
+        if n < batch:
+            return PruneResult(preview, False, jobs, events, batches)
 
 
 # -- pause and resume ----------------------------------------------------------------------------
