@@ -91,7 +91,8 @@ class Service:
         self.db = Database(settings.dsn, settings.reactor_id)
         self.render_client = RenderClient(settings.orchestrator_url)
         self.dispatcher = Dispatcher(
-            self.db, self.render_client.render, settings.dispatch, probe=self.render_client.health
+            self.db, self.render_client.render, settings.dispatch, probe=self.render_client.health,
+            cache=self.db.cache_take,
         )
         if clock is not None:
             self.dispatcher.clock = clock

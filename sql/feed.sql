@@ -103,7 +103,11 @@ SELECT c.last_seq, c.queued, c.processing, c.completed, c.failed, c.cancelled,
                    'next_run_at', extract(epoch FROM s.next_run_at)::double precision,
                    'last_run_at', extract(epoch FROM s.last_run_at)::double precision,
                    'jobs_created', s.jobs_created, 'slots_skipped', s.slots_skipped) ORDER BY s.name), '[]')
-          FROM public.job_schedules s) AS schedules
+          FROM public.job_schedules s) AS schedules,
+       -- jobs completed from the render cache in the last hour (get_queue_stats().renders_saved)
+       (SELECT count(*) FROM reactor.jobs j
+         WHERE j.completed_at >= now() - interval '1 hour' AND j.status = 'completed'
+           AND j.result ? 'cached_from') AS renders_saved_last_hour
   FROM reactor.counters c,
        LATERAL (SELECT min(m.created_at) AS at
                   FROM (VALUES (0::smallint), (1::smallint), (2::smallint)) r(rank),

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-__all__ = ["ClaimedJob", "Outcome", "RenderRequest", "RenderResult", "Undecodable", "parse_uuid"]
+__all__ = ["CacheDecision", "ClaimedJob", "Outcome", "RenderRequest", "RenderResult", "Undecodable", "parse_uuid"]
 
 
 class Undecodable(dict[str, str]):
@@ -93,6 +93,17 @@ class Outcome:
     error_category: str | None = None
     error_message: str | None = None
     error_details: dict[str, Any] | None = field(default=None)
+    #: the render cache's key of the request this attempt rendered (its waiters settle with it)
+    cache_key: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheDecision:
+    """What the render cache says of a job about to render (``reactor.render_cache_take``)."""
+
+    kind: str  # render | hit | wait
+    source: UUID | None = None  # hit: the job that rendered it; wait: the job that renders it
+    result: dict[str, Any] | None = None  # hit: the result to complete with
 
 
 def parse_uuid(value: object) -> UUID | None:

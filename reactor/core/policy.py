@@ -7,6 +7,8 @@ rule is tested without a database or a network.
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -26,10 +28,12 @@ __all__ = [
     "InvalidPayload",
     "backoff_seconds",
     "build_request",
+    "cache_key",
     "category_for_status",
     "decide_failure",
     "nested_deeper_than",
     "parse_retry_after",
+    "wants_cache",
 ]
 
 #: What a job gets when neither its payload nor its job type says otherwise.
@@ -90,6 +94,18 @@ def build_request(job: ClaimedJob) -> RenderRequest:
         length=options["length"],
         voice=options["voice"],
     )
+
+
+def cache_key(request: RenderRequest) -> str:
+    """The render cache's key of a resolved request: sha256 of (job type, input, style, length,
+    voice) as canonical JSON. Equal requests, and only those, share a key."""
+    identity = [request.job_type, request.input, request.style, request.length, request.voice]
+    return hashlib.sha256(json.dumps(identity, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def wants_cache(job: ClaimedJob) -> bool:
+    """Whether a job may use the render cache: not when its payload says ``"cache": false``."""
+    return not (isinstance(job.payload, dict) and job.payload.get("cache") is False)
 
 
 def nested_deeper_than(value: object, limit: int) -> bool:

@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from reactor import __version__
 from reactor.core.errors import DatabaseError, DatabaseTimeout, DatabaseUnavailable, StatementRefused
-from reactor.core.models import ClaimedJob, Outcome
+from reactor.core.models import CacheDecision, ClaimedJob, Outcome, RenderRequest
 from reactor.db import pgtypes
 from reactor.db.sqlfiles import load_queries
 
@@ -87,6 +87,8 @@ class Database:
         #: drop one; from the floor, a sweep visits only those of its last few seconds. None: all.
         self._sweep_floor: datetime | None = None
         self._totals_from = 0
+        self._cached_types: frozenset[str] = frozenset()
+        self._cached_types_at = 0.0
         #: finished jobs are pruned from this completed_at on (the newest one the last batch deleted)
         self._prune_floor: datetime | None = None
         #: a live lease below the floor (a claim that committed long after it began, a job the
@@ -177,7 +179,7 @@ class Database:
                 "id": str(o.job_id), "attempt": o.attempt, "status": o.status, "result": o.result,
                 "retry_count": o.retry_count, "delay_s": o.delay_seconds,
                 "error_category": o.error_category, "error_message": o.error_message,
-                "error_details": o.error_details,
+                "error_details": o.error_details, "cache_key": o.cache_key,
             })
             for o in outcomes
         ]
@@ -198,6 +200,31 @@ class Database:
             if not r["written"]
         ]
         return written, claimed
+
+    #: seconds between reads of which job types use the render cache (job_types.cache_ttl)
+    CACHED_TYPES_EVERY_S = 10.0
+
+    async def cache_take(self, job: ClaimedJob, request: RenderRequest, key: str, wait_s: float) -> CacheDecision:
+        """Ask the render cache about a job this reactor holds, before rendering it
+        (``reactor.render_cache_take``): render it, complete it from a render younger than its type's
+        TTL (hit), or let it wait for the job rendering the same request now (the job is queued again)."""
+        now = time.monotonic()
+        if now >= self._cached_types_at:
+            rows = await self._rows("cached_types", {})
+            self._cached_types = frozenset(str(r["name"]) for r in rows)
+            self._cached_types_at = now + self.CACHED_TYPES_EVERY_S
+        if job.job_type not in self._cached_types:
+            return CacheDecision("render")
+        rows = await self._rows("render_cache_take", {
+            "job": job.id, "attempt": job.attempt, "reactor": self.reactor_id, "key": key,
+            "request": json.dumps({"job_type": request.job_type, "input": request.input, "style": request.style,
+                                   "length": request.length, "voice": request.voice}),
+            "wait_s": wait_s,
+        })
+        row = rows[0] if rows else {}
+        result = row.get("result")
+        return CacheDecision(str(row.get("decision") or "render"), row.get("source"),
+                             result if isinstance(result, dict) else None)
 
     async def release_strays(self, known: set[UUID], free_requeues: int, reason: str) -> list[dict[str, Any]]:
         """Put back jobs this reactor holds but does not know of (a claim whose answer could not be

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 from reactor.core.circuit import CircuitBreaker
 from reactor.core.errors import RenderError
-from reactor.core.models import ClaimedJob, Outcome, RenderRequest, RenderResult
-from reactor.core.policy import InvalidPayload, build_request
+from reactor.core.models import CacheDecision, ClaimedJob, Outcome, RenderRequest, RenderResult
+from reactor.core.policy import InvalidPayload, build_request, cache_key, wants_cache
 from reactor.engine.circuit_watch import CircuitWatch
 from reactor.engine.decisions import (
     DispatchSettings,
@@ -27,17 +27,25 @@ from reactor.engine.decisions import (
     outage_outcome,
 )
 
-__all__ = ["RenderFn", "attempt"]
+__all__ = ["PARKED", "CacheFn", "RenderFn", "attempt"]
 
 logger = logging.getLogger(__name__)
 
 RenderFn = Callable[[RenderRequest, float], Awaitable[RenderResult]]
+#: the render cache (reactor/db/store.py ``Database.cache_take``): the job, its request and key, and
+#: how long a waiter stays parked without news
+CacheFn = Callable[[ClaimedJob, RenderRequest, str, float], Awaitable[CacheDecision]]
+#: the status of an attempt's outcome when the job now waits for another job rendering the same
+#: request: the database already queued it again, there is nothing to write
+PARKED = "parked"
 
 
 async def attempt(job: ClaimedJob, render: RenderFn, settings: DispatchSettings, circuit: CircuitBreaker,
-                  watch: CircuitWatch, rng: random.Random) -> Outcome:
-    """Render ``job`` once; its outcome (completed, queued again, or failed). Never raises but for
-    cancellation (a render aborted: lost, cancelled, or drained)."""
+                  watch: CircuitWatch, rng: random.Random, cache: CacheFn | None = None) -> Outcome:
+    """Render ``job`` once; its outcome (completed, queued again, or failed; :data:`PARKED` when it
+    waits for an identical render). Never raises but for cancellation (a render aborted: lost,
+    cancelled, or drained). With ``cache``, the render cache is asked first: a hit completes the job
+    without a render call; a problem with the cache only means the job renders."""
 
     def failure(err: RenderError) -> Outcome:
         return failure_outcome(job, err, rng, backoff_base_s=settings.backoff_base_s,
@@ -53,21 +61,43 @@ async def attempt(job: ClaimedJob, render: RenderFn, settings: DispatchSettings,
     timeout = job.timeout_minutes * 60.0
     if settings.max_render_timeout_s is not None:
         timeout = min(timeout, settings.max_render_timeout_s)
+    key: str | None = None
+    if cache is not None and wants_cache(job):
+        key = cache_key(request)
+        try:
+            # parked past the render's own deadline: the renderer's outcome settles it long before
+            decision = await cache(job, request, key, job.timeout_minutes * 60.0 + 60.0)
+        except Exception as exc:  # the cache is an optimisation: without it, the job renders
+            logger.warning("render cache unavailable for job %s: %s", job.id, exc)
+            decision = CacheDecision("render")
+            key = None
+        if decision.kind == "hit" and decision.result is not None:
+            return Outcome(job.id, job.attempt, "completed", job.retry_count, result=decision.result)
+        if decision.kind == "wait":
+            return Outcome(job.id, job.attempt, PARKED, job.retry_count)
+        if decision.kind != "render":
+            key = None
     try:
         result = await render(request, timeout)
     except RenderError as exc:
         if is_outage(exc):
             watch.transition(circuit.on_outage_failure(time.monotonic()))
             if free_requeue_left(job, settings.free_requeues):
-                return outage_outcome(job, exc, rng, circuit=circuit.state, outage=circuit.is_outage(),
+                return _keyed(key, outage_outcome(job, exc, rng, circuit=circuit.state, outage=circuit.is_outage(),
                                       backoff_base_s=settings.backoff_base_s, backoff_cap_s=settings.backoff_cap_s,
-                                      now=datetime.now(UTC))
+                                      now=datetime.now(UTC)))
         elif exc.status_code is not None or exc.category == "UNKNOWN":
             # the orchestrator answered: whatever is wrong is about this job, not the farm
             watch.transition(circuit.on_success(time.monotonic()))
-        return failure(exc)
+        return _keyed(key, failure(exc))
     except Exception as exc:  # a bug or an unexpected library error must not stop the reactor
         logger.exception("render of job %s failed unexpectedly", job.id)
-        return failure(RenderError("UNKNOWN", f"unexpected error: {exc!r}"[:500]))
+        return _keyed(key, failure(RenderError("UNKNOWN", f"unexpected error: {exc!r}"[:500])))
     watch.transition(circuit.on_success(time.monotonic()))
-    return Outcome(job.id, job.attempt, "completed", job.retry_count, result=result.to_json())
+    return Outcome(job.id, job.attempt, "completed", job.retry_count, result=result.to_json(), cache_key=key)
+
+
+def _keyed(key: str | None, outcome: Outcome) -> Outcome:
+    """The outcome of a render under ``key``: written, it settles the jobs waiting for that render."""
+    outcome.cache_key = key
+    return outcome

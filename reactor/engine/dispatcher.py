@@ -32,7 +32,7 @@ from reactor.core.circuit import HALF_OPEN, CircuitBreaker, Transition
 from reactor.core.errors import DatabaseUnavailable, StatementRefused
 from reactor.core.models import ClaimedJob, Outcome
 from reactor.core.notice import Notice
-from reactor.engine.attempt import RenderFn, attempt
+from reactor.engine.attempt import PARKED, CacheFn, RenderFn, attempt
 from reactor.engine.circuit_watch import CircuitWatch, ProbeFn
 from reactor.engine.decisions import DispatchSettings, claim_room, notice_reaction
 from reactor.engine.leases import Held, Leases
@@ -65,6 +65,8 @@ class DispatchStats:
     failed: int = 0
     released: int = 0
     discarded: int = 0
+    cache_hits: int = 0  # completed from the render cache, no render call
+    parked: int = 0  # waiting for an identical render of another job
     by_category: dict[str, int] = field(default_factory=dict)
 
 
@@ -79,9 +81,11 @@ class Dispatcher:
         rng: random.Random | None = None,
         on_outcome: Callable[[ClaimedJob, Outcome], None] | None = None,
         probe: ProbeFn | None = None,
+        cache: CacheFn | None = None,
     ) -> None:
         self.store = store
         self.render = render
+        self.cache = cache  # the render cache, asked before each render (None: none)
         self.settings = settings or DispatchSettings()
         self.clock = clock
         self.rng = rng or random.Random()
@@ -366,14 +370,21 @@ class Dispatcher:
         try:
             with entry.scope:
                 try:
-                    outcome = await attempt(job, self.render, self.settings, self.circuit, self._circuit, self.rng)
+                    outcome = await attempt(job, self.render, self.settings, self.circuit, self._circuit, self.rng,
+                                            self.cache)
                 except Exception as exc:  # whatever went wrong with this job stays with this job
                     logger.exception("job %s failed unexpectedly", job.id)
                     outcome = Outcome(
                         job.id, job.attempt, "failed", job.retry_count, error_category="UNKNOWN",
                         error_message=f"the reactor failed on this job: {exc!r}"[:500],
                     )
-            if outcome is None and entry.reason == "drain":
+            if outcome is not None and outcome.status == PARKED:
+                # queued again by the cache, waiting for another job's render: nothing to write
+                self.stats.parked += 1
+                self._due_dirty = True  # it is due again if nothing settles it
+                logger.info("job waits for an identical render", extra={"job_id": str(job.id), "attempt": job.attempt})
+                outcome = None
+            elif outcome is None and entry.reason == "drain":
                 outcome = Outcome(
                     job.id, job.attempt, "queued", job.retry_count,
                     error_message=f"returned to the queue: reactor {self.store.reactor_id} stopped",
@@ -424,6 +435,8 @@ class Dispatcher:
             extra["category"] = o.error_category
         if o.status == "completed":
             self.stats.completed += 1
+            if o.result is not None and "cached_from" in o.result:
+                self.stats.cache_hits += 1
             logger.info("job completed", extra=extra)
         elif o.status == "failed":
             self.stats.failed += 1

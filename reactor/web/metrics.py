@@ -5,8 +5,9 @@ per-job or per-user labels. Two kinds of figures:
 
 * fleet-wide state, read from the database at scrape time (every reactor reports the same value:
   aggregate with ``max``, not ``sum``): jobs by status and queued jobs by priority (from
-  ``reactor.counters``), the age of the oldest queued job, NOTIFY queue usage, and each schedule's
-  next and last run, jobs made and slots skipped (``job_schedules``; a label per schedule);
+  ``reactor.counters``), the age of the oldest queued job, NOTIFY queue usage, renders saved by
+  the render cache in the last hour, and each schedule's next and last run, jobs made and slots
+  skipped (``job_schedules``; a label per schedule);
 * what this reactor did, counted from the events it reads for the feed, keeping those whose
   ``actor`` is this reactor or its sweep (sum them across reactors): jobs finished by outcome and
   error category, retries, first-attempt wait and per-attempt run times; plus sweep recoveries,
@@ -175,6 +176,11 @@ class _LiveCollector:
                 "PostgreSQL's NOTIFY queue is (0 to 1).")
             usage.add_metric([], float(db.get("notification_queue_usage") or 0.0))
             yield usage
+            saved = GaugeMetricFamily(
+                "reactor_renders_saved_last_hour", "Jobs completed from the render cache in the last hour, "
+                "without a render call of their own (fleet-wide; get_queue_stats().renders_saved).")
+            saved.add_metric([], float(db.get("renders_saved_last_hour") or 0))
+            yield saved
             yield from _schedule_metrics(db.get("schedules"))
         if self.listener_connected is not None:
             connected = GaugeMetricFamily("reactor_listener_connected", "1 while the LISTEN connection is up.")

@@ -25,7 +25,18 @@
 --    transactions whose snapshot cannot see the job committed before them (REPEATABLE READ,
 --    SERIALIZABLE): they get a unique_violation, never a second job.
 --
--- 2. Render cache: see its section.
+-- 2. Render cache. job_types.cache_ttl (NULL: off; topic_short and daily_ca 24 hours). The reactor
+--    resolves a job's request (job type, input, style, length, voice), hashes it (cache_key) and
+--    asks reactor.render_cache_take() before rendering, under an advisory lock on the key:
+--      * a completed entry younger than the TTL: the job completes at once with its result and
+--        result.cached_from = the job that rendered it (no render call);
+--      * an entry another live job is rendering: this job waits for it, queued with
+--        jobs.cache_key set and run_after pushed past the render's timeout (it holds no render
+--        slot); when the renderer's outcome is written, in that same transaction, every waiter
+--        completes with the result (or, if the render failed, is due at once to render itself);
+--        should nothing come, run_after passes and it is claimed again;
+--      * else this job renders, and the entry (reactor.render_cache, keyed by the hash) names it.
+--    Every lookup is by key. payload.cache = false opts a job out.
 --
 -- 3. Retention. job_queue_config.job_retention (default 30 days): completed, failed and cancelled
 --    jobs whose completed_at is older are deleted with their events by reactor.prune_jobs(), in
@@ -157,6 +168,206 @@ BEGIN
 END
 $$;
 
+-- 2. Render cache ---------------------------------------------------------------------------------
+
+ALTER TABLE public.job_types ADD COLUMN cache_ttl interval,
+    ADD CONSTRAINT "job_types.cache_ttl must be NULL (no cache) or longer than 0"
+        CHECK (cache_ttl IS NULL OR cache_ttl > interval '0');
+COMMENT ON COLUMN public.job_types.cache_ttl IS
+    'How long a rendered video serves identical requests (job type, input, style, length, voice); NULL: no cache.';
+UPDATE public.job_types SET cache_ttl = interval '24 hours' WHERE name IN ('topic_short', 'daily_ca');
+
+ALTER TABLE reactor.jobs ADD COLUMN cache_key text;
+COMMENT ON COLUMN reactor.jobs.cache_key IS
+    'Set while the job waits for another job that renders the same request (reactor.render_cache.key).';
+CREATE INDEX jobs_cache_wait_idx ON reactor.jobs (cache_key) WHERE status = 'queued' AND cache_key IS NOT NULL;
+
+CREATE TABLE reactor.render_cache (
+    key          text PRIMARY KEY,              -- sha256 (hex) of the resolved request
+    request      jsonb NOT NULL,                -- job_type, input, style, length, voice
+    job_id       uuid NOT NULL,                 -- the job that rendered it, or renders it now
+    status       text NOT NULL,                 -- rendering, completed
+    result       jsonb,                         -- the renderer's result, once completed
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    completed_at timestamptz,
+    CONSTRAINT "render_cache.status must be rendering or completed" CHECK (status IN ('rendering', 'completed'))
+);
+COMMENT ON TABLE reactor.render_cache IS
+    'One row per resolved render request: which job renders (or rendered) it and its result. Jobs of a type '
+    'with cache_ttl complete from a completed row younger than the TTL (result.cached_from), or wait for a '
+    'rendering one.';
+CREATE INDEX render_cache_job_idx ON reactor.render_cache (job_id);
+
+-- What the reactor does with a job it holds before rendering it (see above). p_wait: how long a
+-- waiter stays parked without news. Returns render, hit (with the source job and its result) or wait
+-- (the job is queued again, not ours any more).
+CREATE FUNCTION reactor.render_cache_take(p_job uuid, p_attempt integer, p_reactor text, p_key text,
+                                          p_request jsonb, p_wait interval,
+                                          OUT decision text, OUT source uuid, OUT result jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    ttl   interval;
+    entry reactor.render_cache;
+BEGIN
+    decision := 'render';
+    SELECT t.cache_ttl INTO ttl
+      FROM reactor.jobs j JOIN public.job_types t ON t.name = j.job_type
+     WHERE j.id = p_job AND j.attempt = p_attempt AND j.status = 'processing' AND j.locked_by = p_reactor;
+    IF ttl IS NULL THEN
+        RETURN;  -- no cache for its type (or the job is no longer ours: its outcome will not be written)
+    END IF;
+    PERFORM pg_advisory_xact_lock(7240514, hashtext(p_key));
+    SELECT c.* INTO entry FROM reactor.render_cache c WHERE c.key = p_key;
+    IF FOUND AND entry.status = 'completed' AND entry.completed_at > now() - ttl
+       AND jsonb_typeof(entry.result) = 'object' AND entry.result ? 'video_url' THEN
+        decision := 'hit';
+        source := entry.job_id;
+        result := entry.result || jsonb_build_object('cached_from', entry.job_id);
+        RETURN;
+    END IF;
+    IF FOUND AND entry.status = 'rendering' AND entry.job_id <> p_job AND EXISTS (
+            SELECT 1 FROM reactor.jobs r WHERE r.id = entry.job_id AND r.status IN ('queued', 'processing')) THEN
+        UPDATE reactor.jobs j
+           SET status = 'queued', run_after = now() + p_wait, cache_key = p_key, error_category = NULL,
+               error_message = 'waiting for job ' || entry.job_id || ', which renders the same request',
+               error_details = NULL
+         WHERE j.id = p_job AND j.attempt = p_attempt AND j.status = 'processing' AND j.locked_by = p_reactor;
+        decision := 'wait';
+        source := entry.job_id;
+        RETURN;
+    END IF;
+    INSERT INTO reactor.render_cache AS c (key, request, job_id, status)
+    VALUES (p_key, p_request, p_job, 'rendering')
+    ON CONFLICT (key) DO UPDATE
+        SET request = EXCLUDED.request, job_id = EXCLUDED.job_id, status = 'rendering', result = NULL,
+            started_at = now(), completed_at = NULL;
+END
+$$;
+
+-- After outcomes are written (same transaction): the renders among them settle their cache entry
+-- and its waiters. p_batch: the outcomes (with cache_key); p_written: the ids actually written.
+CREATE FUNCTION reactor.render_cache_settle(p_batch jsonb, p_written uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    o record;
+BEGIN
+    FOR o IN SELECT f.id, f.status, f.result, f.cache_key
+               FROM jsonb_to_recordset(p_batch) AS f(id uuid, status text, result jsonb, cache_key text)
+              WHERE f.cache_key IS NOT NULL AND f.id = ANY(p_written) AND f.status IN ('completed', 'failed')
+              ORDER BY f.cache_key LOOP
+        PERFORM pg_advisory_xact_lock(7240514, hashtext(o.cache_key));
+        IF o.status = 'completed' THEN
+            UPDATE reactor.render_cache c
+               SET status = 'completed', result = o.result, completed_at = now()
+             WHERE c.key = o.cache_key AND c.job_id = o.id AND c.status = 'rendering';
+            IF FOUND THEN
+                UPDATE reactor.jobs j
+                   SET status = 'completed', result = o.result || jsonb_build_object('cached_from', o.id),
+                       error_category = NULL, error_message = NULL, error_details = NULL
+                 WHERE j.cache_key = o.cache_key AND j.status = 'queued';
+            END IF;
+        ELSE
+            DELETE FROM reactor.render_cache c
+             WHERE c.key = o.cache_key AND c.job_id = o.id AND c.status = 'rendering';
+            IF FOUND THEN
+                -- due now: one of them renders, the others wait for it
+                UPDATE reactor.jobs j
+                   SET run_after = now(), cache_key = NULL, error_message = NULL
+                 WHERE j.cache_key = o.cache_key AND j.status = 'queued';
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- finish_and_claim (0008) with the render cache settled between the outcomes and the claim, in the
+-- same transaction. The reactor calls this one (sql/queries.sql, finish_and_claim).
+CREATE FUNCTION reactor.finish_settle_and_claim(p_batch jsonb, p_reactor text, p_max integer,
+                                                p_lease interval, p_clock timestamptz DEFAULT now())
+RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload jsonb, user_id uuid,
+               renderer text, retry_count integer, max_retries integer, attempt integer,
+               created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r    record;
+    done uuid[] := '{}';
+BEGIN
+    IF p_max > 0 THEN
+        PERFORM pg_advisory_xact_lock(7240513002);  -- before the journal lock: one lock order
+    END IF;
+    FOR r IN SELECT * FROM reactor.finish_and_claim(p_batch, p_reactor, 0, p_lease, p_clock) LOOP
+        done := done || r.id;
+        written := r.written; id := r.id; job_type := r.job_type; priority := r.priority;
+        payload := r.payload; user_id := r.user_id; renderer := r.renderer; retry_count := r.retry_count;
+        max_retries := r.max_retries; attempt := r.attempt; created_at := r.created_at;
+        input_field := r.input_field; type_defaults := r.type_defaults; timeout_minutes := r.timeout_minutes;
+        RETURN NEXT;
+    END LOOP;
+    IF cardinality(done) > 0 AND jsonb_path_exists(p_batch, '$[*] ? (exists(@.cache_key) && @.cache_key != null)') THEN
+        PERFORM reactor.render_cache_settle(p_batch, done);
+    END IF;
+    IF p_max > 0 THEN
+        RETURN QUERY SELECT false, c.* FROM reactor.claim_jobs(p_reactor, p_max, p_lease, p_clock) c;
+    END IF;
+END
+$$;
+
+-- get_queue_stats() of 0009 with renders_saved: jobs completed from the cache in the last hour (read
+-- in the same scan as completed_last_hour). A new OUT column changes the result type: DROP and CREATE.
+DROP FUNCTION public.get_queue_stats();
+CREATE FUNCTION public.get_queue_stats(
+    OUT total bigint, OUT queued bigint, OUT processing bigint, OUT completed bigint,
+    OUT failed bigint, OUT cancelled bigint,
+    OUT queued_high bigint, OUT queued_medium bigint, OUT queued_low bigint,
+    OUT avg_wait_seconds double precision, OUT avg_processing_seconds double precision,
+    OUT oldest_queued_at timestamptz, OUT oldest_queued_age_seconds double precision,
+    OUT completed_last_hour bigint, OUT failed_last_hour bigint,
+    OUT max_renders integer, OUT max_manim_renders integer, OUT peak boolean, OUT paused boolean,
+    OUT last_seq bigint, OUT as_of timestamptz, OUT renders_saved bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH cur AS (
+        SELECT t.cursor_at, t.cursor_no FROM reactor.totals t ORDER BY t.id DESC LIMIT 1
+    ), oldest AS (
+        -- from the claims' cursors: no queued job lies before its queue's cursor
+        SELECT min(m.created_at) AS at
+        FROM cur, (VALUES (0::smallint), (1::smallint), (2::smallint)) r(rank),
+        LATERAL (
+            (SELECT j.created_at FROM reactor.jobs j
+              WHERE j.status = 'queued' AND j.renderer = 'manim' AND j.priority_rank = r.rank
+                AND (j.created_at, j.job_no) >= (cur.cursor_at[1 + r.rank], cur.cursor_no[1 + r.rank])
+              ORDER BY j.created_at, j.job_no LIMIT 1)
+            UNION ALL
+            (SELECT j.created_at FROM reactor.jobs j
+              WHERE j.status = 'queued' AND j.renderer <> 'manim' AND j.priority_rank = r.rank
+                AND (j.created_at, j.job_no) >= (cur.cursor_at[4 + r.rank], cur.cursor_no[4 + r.rank])
+              ORDER BY j.created_at, j.job_no LIMIT 1)
+        ) m
+    ), started AS (
+        SELECT avg(extract(epoch FROM j.started_at - j.created_at))::double precision AS wait
+        FROM reactor.jobs j WHERE j.started_at >= now() - interval '1 hour'
+    ), finished AS (
+        SELECT count(*) FILTER (WHERE j.status = 'completed') AS completed,
+               count(*) FILTER (WHERE j.status = 'failed') AS failed,
+               count(*) FILTER (WHERE j.status = 'completed' AND j.result ? 'cached_from') AS saved,
+               avg(extract(epoch FROM j.completed_at - j.started_at))
+                   FILTER (WHERE j.status = 'completed' AND j.started_at IS NOT NULL)::double precision AS run
+        FROM reactor.jobs j WHERE j.completed_at >= now() - interval '1 hour'
+    )
+    SELECT c.queued + c.processing + c.completed + c.failed + c.cancelled,
+           c.queued, c.processing, c.completed, c.failed, c.cancelled,
+           c.queued_high, c.queued_medium, c.queued_low,
+           started.wait, finished.run,
+           oldest.at, extract(epoch FROM now() - oldest.at)::double precision,
+           finished.completed, finished.failed,
+           l.max_renders, l.max_manim, l.peak, l.paused,
+           c.last_seq, now(), finished.saved
+    FROM reactor.counters c, oldest, started, finished, reactor.effective_limits(now()) l
+$$;
+COMMENT ON FUNCTION public.get_queue_stats() IS
+    'Queue figures in one row (psql: SELECT * FROM get_queue_stats(); PostgREST: POST /rest/v1/rpc/get_queue_stats). '
+    'Averages cover the last hour and are NULL when nothing started or completed in it. renders_saved: jobs '
+    'completed from the render cache in the last hour.';
+
 -- 3. Retention ------------------------------------------------------------------------------------
 
 ALTER TABLE public.job_queue_config ADD COLUMN job_retention interval NOT NULL DEFAULT '30 days',
@@ -202,6 +413,9 @@ BEGIN
     ), ev AS (
         DELETE FROM reactor.events e USING del WHERE e.job_id = del.id
         RETURNING 1
+    ), cache AS (
+        -- a cache entry goes with the job that rendered it (its result is that job's)
+        DELETE FROM reactor.render_cache c USING del WHERE c.job_id = del.id
     )
     SELECT count(*) AS n,
            count(*) FILTER (WHERE del.status = 'completed') AS completed,
@@ -231,6 +445,9 @@ BEGIN
     IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001) THEN
         ALTER FUNCTION reactor.stage_inserts() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
         ALTER FUNCTION reactor.stage_deletes() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+        -- get_queue_stats() was created again: the privileges the hardening gave it
+        REVOKE ALL ON FUNCTION public.get_queue_stats() FROM PUBLIC, anon, authenticated, service_role;
+        GRANT EXECUTE ON FUNCTION public.get_queue_stats() TO authenticated, service_role;
     END IF;
 END
 $$;

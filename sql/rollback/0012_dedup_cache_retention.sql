@@ -22,6 +22,77 @@ CREATE TRIGGER jobs_stage_deletes AFTER DELETE ON reactor.jobs
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION reactor.stage_deletes();
 ALTER TABLE public.job_queue_config DROP COLUMN job_retention;
 
+-- 2. Render cache ---------------------------------------------------------------------------------
+
+DROP FUNCTION reactor.finish_settle_and_claim(jsonb, text, integer, interval, timestamptz);
+DROP FUNCTION reactor.render_cache_settle(jsonb, uuid[]);
+DROP FUNCTION reactor.render_cache_take(uuid, integer, text, text, jsonb, interval);
+DROP TABLE reactor.render_cache;
+DROP INDEX reactor.jobs_cache_wait_idx;
+ALTER TABLE reactor.jobs DROP COLUMN cache_key;
+ALTER TABLE public.job_types DROP COLUMN cache_ttl;
+
+-- get_queue_stats() of 0009
+DROP FUNCTION public.get_queue_stats();
+CREATE FUNCTION public.get_queue_stats(
+    OUT total bigint, OUT queued bigint, OUT processing bigint, OUT completed bigint,
+    OUT failed bigint, OUT cancelled bigint,
+    OUT queued_high bigint, OUT queued_medium bigint, OUT queued_low bigint,
+    OUT avg_wait_seconds double precision, OUT avg_processing_seconds double precision,
+    OUT oldest_queued_at timestamptz, OUT oldest_queued_age_seconds double precision,
+    OUT completed_last_hour bigint, OUT failed_last_hour bigint,
+    OUT max_renders integer, OUT max_manim_renders integer, OUT peak boolean, OUT paused boolean,
+    OUT last_seq bigint, OUT as_of timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH cur AS (
+        SELECT t.cursor_at, t.cursor_no FROM reactor.totals t ORDER BY t.id DESC LIMIT 1
+    ), oldest AS (
+        -- from the claims' cursors: no queued job lies before its queue's cursor
+        SELECT min(m.created_at) AS at
+        FROM cur, (VALUES (0::smallint), (1::smallint), (2::smallint)) r(rank),
+        LATERAL (
+            (SELECT j.created_at FROM reactor.jobs j
+              WHERE j.status = 'queued' AND j.renderer = 'manim' AND j.priority_rank = r.rank
+                AND (j.created_at, j.job_no) >= (cur.cursor_at[1 + r.rank], cur.cursor_no[1 + r.rank])
+              ORDER BY j.created_at, j.job_no LIMIT 1)
+            UNION ALL
+            (SELECT j.created_at FROM reactor.jobs j
+              WHERE j.status = 'queued' AND j.renderer <> 'manim' AND j.priority_rank = r.rank
+                AND (j.created_at, j.job_no) >= (cur.cursor_at[4 + r.rank], cur.cursor_no[4 + r.rank])
+              ORDER BY j.created_at, j.job_no LIMIT 1)
+        ) m
+    ), started AS (
+        SELECT avg(extract(epoch FROM j.started_at - j.created_at))::double precision AS wait
+        FROM reactor.jobs j WHERE j.started_at >= now() - interval '1 hour'
+    ), finished AS (
+        SELECT count(*) FILTER (WHERE j.status = 'completed') AS completed,
+               count(*) FILTER (WHERE j.status = 'failed') AS failed,
+               avg(extract(epoch FROM j.completed_at - j.started_at))
+                   FILTER (WHERE j.status = 'completed' AND j.started_at IS NOT NULL)::double precision AS run
+        FROM reactor.jobs j WHERE j.completed_at >= now() - interval '1 hour'
+    )
+    SELECT c.queued + c.processing + c.completed + c.failed + c.cancelled,
+           c.queued, c.processing, c.completed, c.failed, c.cancelled,
+           c.queued_high, c.queued_medium, c.queued_low,
+           started.wait, finished.run,
+           oldest.at, extract(epoch FROM now() - oldest.at)::double precision,
+           finished.completed, finished.failed,
+           l.max_renders, l.max_manim, l.peak, l.paused,
+           c.last_seq, now()
+    FROM reactor.counters c, oldest, started, finished, reactor.effective_limits(now()) l
+$$;
+COMMENT ON FUNCTION public.get_queue_stats() IS
+    'Queue figures in one row (psql: SELECT * FROM get_queue_stats(); PostgREST: POST /rest/v1/rpc/get_queue_stats). '
+    'Averages cover the last hour and are NULL when nothing started or completed in it.';
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001) THEN
+        REVOKE ALL ON FUNCTION public.get_queue_stats() FROM PUBLIC, anon, authenticated, service_role;
+        GRANT EXECUTE ON FUNCTION public.get_queue_stats() TO authenticated, service_role;
+    END IF;
+END
+$$;
+
 -- 1. Deduplication --------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION reactor.stage_inserts() RETURNS trigger
