@@ -83,9 +83,10 @@ async def attempt(job: ClaimedJob, render: RenderFn, settings: DispatchSettings,
         if is_outage(exc):
             watch.transition(circuit.on_outage_failure(time.monotonic()))
             if free_requeue_left(job, settings.free_requeues):
-                return _keyed(key, outage_outcome(job, exc, rng, circuit=circuit.state, outage=circuit.is_outage(),
-                                      backoff_base_s=settings.backoff_base_s, backoff_cap_s=settings.backoff_cap_s,
-                                      now=datetime.now(UTC)))
+                return _keyed(key, outage_outcome(
+                    job, exc, rng, circuit=circuit.state, outage=circuit.is_outage(),
+                    backoff_base_s=settings.backoff_base_s, backoff_cap_s=settings.backoff_cap_s,
+                    now=datetime.now(UTC)))
         elif exc.status_code is not None or exc.category == "UNKNOWN":
             # the orchestrator answered: whatever is wrong is about this job, not the farm
             watch.transition(circuit.on_success(time.monotonic()))
