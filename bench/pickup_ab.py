@@ -25,7 +25,7 @@ from pathlib import Path
 import psycopg
 from pickup import http_json, pct
 from psycopg import sql
-from reactor_bench import ROOT, free_port, stop_processes, wait_http, wait_reactor_ready
+from reactor_bench import ROOT, free_port, stop_processes, wait_http, wait_reactor_ready, without_render_cache
 
 from reactor.db.embedded import EmbeddedPostgres
 
@@ -57,6 +57,7 @@ def main() -> int:
                 dsns.append(dsn)
                 subprocess.run([sys.executable, "-m", "reactor", "migrate", "--dsn", dsn],
                                cwd=tree, check=True, capture_output=True)
+                without_render_cache(dsn)
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "reactor", "--log-level", "WARNING", "run", "--dsn", dsn,
                      "--orchestrator-url", url],

@@ -104,6 +104,15 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20) 
             p.kill()
 
 
+def without_render_cache(dsn: str) -> None:
+    """The benchmarks measure the render path: jobs with the same input must each render, not
+    complete from the render cache (migration 0012; an older schema has no cache to turn off)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+                     "'public' AND table_name = 'job_types' AND column_name = 'cache_ttl') THEN "
+                     "UPDATE public.job_types SET cache_ttl = NULL; END IF; END $$")
+
+
 def wait_reactor_ready(dsn: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -232,6 +241,7 @@ def main() -> int:
             admin.execute("CREATE DATABASE reactor_bench")
         dsn = server.dsn_for("reactor_bench")
         migrate_up(dsn)
+        without_render_cache(dsn)
         print(f"PostgreSQL: {'fsync off (--fast)' if args.fast else 'durable defaults'}; "
               f"{os.cpu_count()} CPUs; logs in {logdir}")
         procs = Procs(dsn, logdir)

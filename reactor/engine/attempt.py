@@ -38,6 +38,10 @@ CacheFn = Callable[[ClaimedJob, RenderRequest, str, float], Awaitable[CacheDecis
 #: the status of an attempt's outcome when the job now waits for another job rendering the same
 #: request: the database already queued it again, there is nothing to write
 PARKED = "parked"
+#: how long a job waiting for an identical render stays parked without news: the renderer's outcome
+#: settles it at once; should the renderer end some other way (failed by the sweep, cancelled by
+#: hand), the waiter is claimed again after this and renders (or waits again while it still runs)
+CACHE_WAIT_S = 120.0
 
 
 async def attempt(job: ClaimedJob, render: RenderFn, settings: DispatchSettings, circuit: CircuitBreaker,
@@ -65,8 +69,7 @@ async def attempt(job: ClaimedJob, render: RenderFn, settings: DispatchSettings,
     if cache is not None and wants_cache(job):
         key = cache_key(request)
         try:
-            # parked past the render's own deadline: the renderer's outcome settles it long before
-            decision = await cache(job, request, key, job.timeout_minutes * 60.0 + 60.0)
+            decision = await cache(job, request, key, CACHE_WAIT_S)
         except Exception as exc:  # the cache is an optimisation: without it, the job renders
             logger.warning("render cache unavailable for job %s: %s", job.id, exc)
             decision = CacheDecision("render")

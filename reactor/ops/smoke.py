@@ -129,7 +129,8 @@ def run_smoke(s: SmokeSettings) -> dict[str, Any]:
     finished = False
     try:
         payload = {"topic": s.input_text, "question": s.input_text, "date": datetime.now(UTC).date().isoformat(),
-                   "smoke": True, "submitted_at": datetime.now(UTC).isoformat()}
+                   "smoke": True, "submitted_at": datetime.now(UTC).isoformat(),
+                   "cache": False}  # the render path itself, never the render cache
         try:
             row = store.submit(payload)
         except DatabaseError as exc:

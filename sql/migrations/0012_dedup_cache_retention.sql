@@ -31,10 +31,10 @@
 --      * a completed entry younger than the TTL: the job completes at once with its result and
 --        result.cached_from = the job that rendered it (no render call);
 --      * an entry another live job is rendering: this job waits for it, queued with
---        jobs.cache_key set and run_after pushed past the render's timeout (it holds no render
---        slot); when the renderer's outcome is written, in that same transaction, every waiter
---        completes with the result (or, if the render failed, is due at once to render itself);
---        should nothing come, run_after passes and it is claimed again;
+--        jobs.cache_key set and run_after a while ahead (it holds no render slot); when the
+--        renderer's outcome is written, in that same transaction, every waiter completes with
+--        the result (or, if the render failed, is due at once to render itself);
+--        should nothing come, run_after passes, it is claimed again and asks again;
 --      * else this job renders, and the entry (reactor.render_cache, keyed by the hash) names it.
 --    Every lookup is by key. payload.cache = false opts a job out.
 --

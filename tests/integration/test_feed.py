@@ -175,7 +175,7 @@ async def test_user_sees_only_own_jobs_and_live_positions(dsn: str, db: psycopg.
             snap_a, snap_b = await recv(a), await recv(b)
             assert snap_a["type"] == snap_b["type"] == "snapshot"
             assert snap_a["stats"] is None and snap_a["jobs"] == [] and snap_a["queue"] == []
-            b_jobs = [insert(db, user=USER_B, topic="[[latency=400]] b") for _ in range(2)]
+            b_jobs = [insert(db, user=USER_B, topic=f"[[latency=400]] b{i}") for i in range(2)]  # not one render
             a_job = insert(db, user=USER_A, topic="[[latency=50]] a")
             got_a = await recv_until(a, lambda m: m.get("type") == "position")
             assert events(got_a)[0]["job"]["id"] == a_job

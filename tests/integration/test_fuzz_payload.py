@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from reactor.core.models import Outcome
 from reactor.core.policy import InvalidPayload, build_request
-from reactor.db.migrations import migrate_down, migrate_up
 from reactor.db.store import Database
+from tests.support.legacy import without_payload_guard
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -110,13 +110,12 @@ def probe(dsn: str, portal: BlockingPortal) -> Iterator[Probe]:
 
 @pytest.fixture
 def legacy_probe(dsn: str, portal: BlockingPortal) -> Iterator[Probe]:
-    migrate_down(dsn, to_version=5)  # rows as written before the payload guard
-    p = Probe(dsn, portal)
-    try:
-        yield p
-    finally:
-        p.close()
-        migrate_up(dsn)
+    with without_payload_guard(dsn):  # rows as written before the payload guard
+        p = Probe(dsn, portal)
+        try:
+            yield p
+        finally:
+            p.close()
     print(f"fuzz payload path, no guard: {p.seen}")  # noqa: T201
 
 

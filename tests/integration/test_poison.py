@@ -58,8 +58,10 @@ def insert_text(db: psycopg.Connection[Any], payload: str, job_type: str = "doub
 
 
 def good(db: psycopg.Connection[Any], n: int = 1) -> list[str]:
+    # a topic of its own each: identical topic_short jobs would share one render (the cache)
     return [str(r[0]) for r in db.execute(
-        "INSERT INTO jobs (job_type, payload) SELECT 'topic_short', jsonb_build_object('topic', 't' || g) "
+        "INSERT INTO jobs (job_type, payload) "
+        "SELECT 'topic_short', jsonb_build_object('topic', 't' || gen_random_uuid()) "
         "FROM generate_series(1, %s) g RETURNING id", (n,))]
 
 

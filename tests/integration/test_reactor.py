@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from datetime import UTC, datetime
@@ -18,10 +19,14 @@ from tests.support.reactors import running_reactor, wait_for
 pytestmark = pytest.mark.anyio
 
 
+_N = itertools.count(1)
+
+
 def insert(db: psycopg.Connection[Any], job_type: str = "doubt", payload: dict[str, Any] | None = None,
            priority: str = "medium", max_retries: int = 3) -> str:
     field = {"doubt": "question", "topic_short": "topic", "daily_ca": "date"}[job_type]
-    body = payload if payload is not None else {field: "why is the sky blue?"}
+    # a different input each time: identical topic_short jobs would share one render (the cache)
+    body = payload if payload is not None else {field: f"why is the sky blue? ({next(_N)})"}
     row = db.execute(
         "INSERT INTO jobs (job_type, priority, payload, max_retries) VALUES (%s, %s, %s, %s) RETURNING id",
         (job_type, priority, json.dumps(body), max_retries),
@@ -111,6 +116,8 @@ async def test_manim_limit_does_not_hold_back_other_renderers(dsn: str, db: psyc
 
 
 async def test_peak_hours_scale_the_limits(dsn: str, db: psycopg.Connection[Any]) -> None:
+    # twelve identical jobs, rendered twice: each must render (not come from the render cache)
+    db.execute("UPDATE job_types SET cache_ttl = NULL")
     db.execute(
         "UPDATE job_queue_config SET max_concurrent_renders = 2, max_manim_renders = 2, "
         "peak_hour_start = '18:00', peak_hour_end = '22:00', peak_worker_multiplier = 2.5, "

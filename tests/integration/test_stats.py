@@ -33,7 +33,7 @@ COUNT_KEYS = (
 STATS_KEYS = {
     *COUNT_KEYS, "avg_wait_seconds", "avg_processing_seconds", "oldest_queued_at",
     "oldest_queued_age_seconds", "max_renders", "max_manim_renders", "peak", "paused",
-    "last_seq", "as_of",
+    "last_seq", "as_of", "renders_saved",
 }
 
 

@@ -660,9 +660,12 @@ def check_jobs(ev: Evidence, inserted: Collection[str], *, settled: bool = True,
         if status == "completed":
             if not j["result"] or "video_url" not in j["result"]:
                 out.append(f"job {s} completed without a result")
-            oks = [r for r in ev.requests.get(job_id, []) if r["outcome"] == "ok" and r["answered_at"]]
+            # a job completed from the render cache (migration 0012) shows the render of its source
+            source = str((j["result"] or {}).get("cached_from") or job_id)
+            oks = [r for r in ev.requests.get(source, []) if r["outcome"] == "ok" and r["answered_at"]]
             if not oks:
-                out.append(f"job {s} completed but the double never answered a render of it")
+                out.append(f"job {s} completed but the double never answered a render of it"
+                           + (f" (nor of {_short(source)}, its cached_from)" if source != job_id else ""))
         if fates is not None and job_id in fates and status not in fates[job_id]:
             out.append(f"job {s} ended {status} ({j['error_category']}), expected {sorted(fates[job_id])}")
     return _first(out)

@@ -59,7 +59,7 @@ async def run(decision: CacheDecision | Exception, payload: dict[str, Any] | Non
 
     async def cache(job: ClaimedJob, request: RenderRequest, key: str, wait_s: float) -> CacheDecision:
         asked.append(key)
-        assert wait_s > job.timeout_minutes * 60
+        assert wait_s > 0
         if isinstance(decision, Exception):
             raise decision
         return decision
