@@ -1,6 +1,6 @@
 """The runbook commands: ``status``, ``jobs``, ``show``, ``retry``, ``cancel``, ``requeue-stuck``,
-``prune``, ``pause``, ``resume``, ``config``, ``submit``, ``schedules``, ``check``. The logic is reactor/ops/runbook.py and
-reactor/ops/checks.py; printing is here.
+``prune``, ``pause``, ``resume``, ``config``, ``submit``, ``schedules``, ``check``. The logic is
+reactor/ops/runbook.py and reactor/ops/checks.py; printing is here.
 
 Exit codes: 0 done; 1 the command ran and the answer is no (a check failed, no such job, a job
 whose status does not allow the change); 2 it could not run (usage, no or bad DSN, database

@@ -1,5 +1,6 @@
 """The runbook operations behind ``reactor status``, ``jobs``, ``show``, ``retry``, ``cancel``,
-``requeue-stuck``, ``pause``, ``resume``, ``config`` and ``submit`` (``check`` is reactor/ops/checks.py).
+``requeue-stuck``, ``prune``, ``pause``, ``resume``, ``config`` and ``submit`` (``check`` is
+reactor/ops/checks.py).
 
 Each function takes a session from :func:`connect` (reactor/db/session.py: a plain synchronous
 connection) and returns data; the CLI prints it. Every change runs in one transaction that names
