@@ -124,3 +124,21 @@ def test_a_user_supplied_id_still_collides(db: Conn) -> None:
     job_id = submit(db, None)["id"]
     with pytest.raises(psycopg.errors.UniqueViolation):
         db.execute("INSERT INTO jobs (id, job_type, payload) VALUES (%s, 'doubt', '{}')", (job_id,))
+
+
+def test_the_insert_postgrest_makes_returns_the_existing_job(db: Conn) -> None:
+    first = submit(db, "rest-1")
+    # what POST /rest/v1/jobs with Prefer: return=representation sends
+    statement: LiteralString = (
+        'WITH pgrst_source AS (INSERT INTO "public"."jobs"("job_type", "payload", "idempotency_key") '
+        "SELECT \"pgrst_body\".\"job_type\", \"pgrst_body\".\"payload\", \"pgrst_body\".\"idempotency_key\" "
+        "FROM (SELECT %s::json AS json_data) pgrst_payload, "
+        'LATERAL (SELECT "job_type", "payload", "idempotency_key" FROM json_to_recordset(pgrst_payload.json_data) '
+        'AS _("job_type" text, "payload" jsonb, "idempotency_key" text)) pgrst_body RETURNING "public"."jobs".*) '
+        "SELECT coalesce(json_agg(_postgrest_t), '[]') AS body FROM (SELECT * FROM pgrst_source) _postgrest_t")
+    body = '[{"job_type": "topic_short", "payload": {"topic": "other"}, "idempotency_key": "rest-1"}]'
+    row = db.execute(statement, (body,)).fetchone()
+    assert row is not None
+    [job] = row[0]
+    assert (job["id"], job["status"], job["queue_position"]) == (str(first["id"]), "queued", 1)
+    assert count(db, "SELECT count(*) FROM reactor.jobs") == 1
