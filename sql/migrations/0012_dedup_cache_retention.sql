@@ -1,11 +1,12 @@
--- 0012_dedup_cache_retention: idempotent inserts, a render cache, and retention of finished jobs.
+-- 0012_dedup_cache_retention: idempotent inserts, a render cache, retention of finished jobs, and
+-- positions that leave out jobs not yet due.
 --
 -- Apply with `reactor migrate --dsn DSN`, or by hand:
 --     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/migrations/0012_dedup_cache_retention.sql
 -- Roll back with `reactor migrate --dsn DSN --down --to 11` (sql/rollback/0012_dedup_cache_retention.sql).
 -- Never edit this file once released: add a new numbered migration instead.
 --
--- Three parts, each in its own section below (README, "Deduplication, the render cache and
+-- Four parts, each in its own section below (README, "Deduplication, the render cache and
 -- retention"):
 --
 -- 1. Deduplication. jobs.idempotency_key (text, NULL: none). An INSERT whose key equals that of a
@@ -42,50 +43,21 @@
 --    jobs whose completed_at is older are deleted with their events by reactor.prune_jobs(), in
 --    batches (the sweep runs a few per sweep, each its own short transaction). They are nobody's
 --    event: the totals drop by what was deleted and seq does not move.
+--
+-- 4. Positions of due jobs: a queued job still waiting for its run_after no longer counts ahead of
+--    the due jobs of its queue (0011 already gave it no position of its own).
+--
+-- With 0011_schedules: jobs.idempotency_key is 0011's column (a schedule's slot jobs carry their
+-- key, and so are deduplicated like any job), reactor.schedule_job() names its ON CONFLICT arbiter
+-- (the primary key is deferrable now, and ON CONFLICT refuses a deferrable arbiter), and the view
+-- public.jobs keeps every column 0011 gave it.
 
 -- 1. Deduplication --------------------------------------------------------------------------------
 
--- 0011_schedules may have added the column already
-ALTER TABLE reactor.jobs ADD COLUMN IF NOT EXISTS idempotency_key text;
+-- jobs.idempotency_key came with 0011_schedules (the key of a schedule's slot), and the view shows it
 ALTER TABLE reactor.jobs ADD COLUMN idempotent_standin boolean;
 COMMENT ON COLUMN reactor.jobs.idempotent_standin IS
     'true only on the copy of a live job that a deduplicated INSERT returns; deleted before its statement ends';
-
-DO $$
-BEGIN
-    -- the view shows the key, unless 0011_schedules already made it do so
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                    WHERE attrelid = 'public.jobs'::regclass AND attname = 'idempotency_key'
-                      AND NOT attisdropped) THEN
-        CREATE OR REPLACE VIEW public.jobs WITH (security_invoker = true) AS
-        SELECT j.id,
-               j.job_type,
-               j.priority,
-               j.status,
-               j.payload,
-               j.result,
-               j.user_id,
-               j.renderer,
-               CASE WHEN j.status = 'queued'
-                    THEN reactor.queue_position(j.priority_rank, j.created_at, j.job_no) END AS queue_position,
-               j.retry_count,
-               j.max_retries,
-               j.error_message,
-               j.error_category,
-               j.error_details,
-               j.created_at,
-               j.updated_at,
-               j.started_at,
-               j.completed_at,
-               j.run_after,
-               j.attempt,
-               j.locked_by,
-               j.lease_expires_at,
-               j.idempotency_key
-        FROM reactor.jobs j;
-    END IF;
-END
-$$;
 
 ALTER TABLE reactor.jobs DROP CONSTRAINT jobs_pkey,
     ADD CONSTRAINT jobs_pkey PRIMARY KEY (id) DEFERRABLE INITIALLY IMMEDIATE;
@@ -165,6 +137,26 @@ BEGIN
         INSERT INTO reactor.pending_commits VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- A schedule's slot job (0011) names its arbiter: ON CONFLICT without one takes every unique index
+-- as an arbiter, and a deferrable one (the primary key, above) is refused as such. The slot's
+-- index is the one that says "this slot's job exists"; while that job is live, the stand-in the
+-- trigger makes of it conflicts there too, so nothing is inserted and NULL is returned as before.
+CREATE OR REPLACE FUNCTION reactor.schedule_job(s public.job_schedules, p_slot timestamptz) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    slot_text text := reactor.slot_text(p_slot);
+    job       uuid;
+BEGIN
+    INSERT INTO reactor.jobs (job_type, priority, payload, schedule_name, idempotency_key)
+    VALUES (s.job_type, s.priority,
+            reactor.expand_payload(s.payload, to_char(p_slot AT TIME ZONE s.timezone, 'YYYY-MM-DD'), slot_text),
+            s.name, 'schedule:' || s.name || ':' || slot_text)
+    ON CONFLICT (schedule_name, idempotency_key) WHERE schedule_name IS NOT NULL DO NOTHING
+    RETURNING id INTO job;
+    RETURN job;
 END
 $$;
 
@@ -437,6 +429,68 @@ $$;
 COMMENT ON FUNCTION reactor.prune_jobs(integer, timestamptz) IS
     'Delete up to p_limit finished jobs older than job_queue_config.job_retention (by completed_at), with their '
     'events, from p_since on. Queued and processing jobs are never touched. Called by the sweep; `reactor prune`.';
+
+-- 4. Positions of due jobs ------------------------------------------------------------------------
+--
+-- A queued job waiting for a future run_after has no position (0011) and holds no place ahead of
+-- the due jobs of its queue: a due job's position is what 0010 computes, less the waiting jobs
+-- ahead of it. Their keys are read once per statement, sorted, from jobs_delayed_idx (run_after >
+-- now(): only the jobs still waiting, however many delayed jobs became due), and each due row
+-- subtracts a binary search in them. No waiting job: one empty index range, nothing per row.
+
+CREATE FUNCTION reactor.queue_waiting_keys() RETURNS uuid[]
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- the predicate of jobs_delayed_idx (0001), as the reactor's due-time read has it
+    RETURN ARRAY(
+        SELECT reactor.queue_key(j.priority_rank, j.created_at, j.job_no) FROM reactor.jobs j
+         WHERE j.status = 'queued' AND j.run_after > j.created_at AND j.run_after > now()
+         ORDER BY 1);
+END
+$$;
+COMMENT ON FUNCTION reactor.queue_waiting_keys() IS
+    'Queue keys of the queued jobs whose run_after is still ahead, sorted: they hold no place in the queue.';
+
+CREATE OR REPLACE VIEW public.jobs WITH (security_invoker = true) AS
+SELECT j.id,
+       j.job_type,
+       j.priority,
+       j.status,
+       j.payload,
+       j.result,
+       j.user_id,
+       j.renderer,
+       -- NULL until due; once due, the jobs still waiting for their run_after are not counted ahead
+       CASE WHEN j.status = 'queued' AND j.run_after <= now()
+            THEN reactor.queue_position_at(j.priority_rank, j.created_at, j.job_no,
+                     (SELECT reactor.queue_ends_keys(64)), (SELECT reactor.queue_ends_positions(64)),
+                     (SELECT reactor.queue_above()),
+                     (SELECT ARRAY[reactor.queue_split(0::smallint), reactor.queue_split(1::smallint),
+                                   reactor.queue_split(2::smallint)]),
+                     (SELECT reactor.queue_band_keys(0::smallint, false)),
+                     (SELECT reactor.queue_band_keys(0::smallint, true)),
+                     (SELECT reactor.queue_band_keys(1::smallint, false)),
+                     (SELECT reactor.queue_band_keys(1::smallint, true)),
+                     (SELECT reactor.queue_band_keys(2::smallint, false)),
+                     (SELECT reactor.queue_band_keys(2::smallint, true)))
+                 - coalesce(width_bucket(reactor.queue_key(j.priority_rank, j.created_at, j.job_no - 1),
+                                         (SELECT reactor.queue_waiting_keys())), 0) END AS queue_position,
+       j.retry_count,
+       j.max_retries,
+       j.error_message,
+       j.error_category,
+       j.error_details,
+       j.created_at,
+       j.updated_at,
+       j.started_at,
+       j.completed_at,
+       j.run_after,
+       j.attempt,
+       j.locked_by,
+       j.lease_expires_at,
+       j.schedule_name,
+       j.idempotency_key
+FROM reactor.jobs j;
 
 -- Under the optional Supabase hardening (version 1001) the journal's functions run as their owner:
 -- CREATE OR REPLACE above reset that.

@@ -1,18 +1,52 @@
--- Rollback of 0012_dedup_cache_retention: no deduplication, no render cache, no retention of jobs;
--- the journal's functions and the primary key of reactor.jobs come back as 0001 made them.
+-- Rollback of 0012_dedup_cache_retention: no deduplication, no render cache, no retention of jobs,
+-- positions as 0011 left them; every object 0012 replaced is put back as 0011 (or 0001, for the
+-- journal's functions and the primary key of reactor.jobs) made it.
 --     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/rollback/0012_dedup_cache_retention.sql
--- jobs.idempotency_key stays when 0011_schedules (which adds it too) is applied.
+-- jobs.idempotency_key stays: it is 0011's.
 
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 1001)
-       AND NOT EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 11 AND name = 'schedules') THEN
-        RAISE EXCEPTION 'roll back the Supabase hardening first (reactor migrate --down --supabase): this rollback '
-            'recreates the view jobs, whose privileges that hardening set'
-            USING ERRCODE = 'object_in_use';
-    END IF;
-END
-$$;
+-- 4. Positions of due jobs -------------------------------------------------------------------------
+
+-- the view of 0011 (CREATE OR REPLACE keeps its privileges, which the Supabase hardening may have set)
+CREATE OR REPLACE VIEW public.jobs WITH (security_invoker = true) AS
+SELECT j.id,
+       j.job_type,
+       j.priority,
+       j.status,
+       j.payload,
+       j.result,
+       j.user_id,
+       j.renderer,
+       -- NULL until due: a job that waits for its run_after has no place in the queue yet
+       CASE WHEN j.status = 'queued' AND j.run_after <= now()
+            THEN reactor.queue_position_at(j.priority_rank, j.created_at, j.job_no,
+                     (SELECT reactor.queue_ends_keys(64)), (SELECT reactor.queue_ends_positions(64)),
+                     (SELECT reactor.queue_above()),
+                     (SELECT ARRAY[reactor.queue_split(0::smallint), reactor.queue_split(1::smallint),
+                                   reactor.queue_split(2::smallint)]),
+                     (SELECT reactor.queue_band_keys(0::smallint, false)),
+                     (SELECT reactor.queue_band_keys(0::smallint, true)),
+                     (SELECT reactor.queue_band_keys(1::smallint, false)),
+                     (SELECT reactor.queue_band_keys(1::smallint, true)),
+                     (SELECT reactor.queue_band_keys(2::smallint, false)),
+                     (SELECT reactor.queue_band_keys(2::smallint, true))) END AS queue_position,
+       j.retry_count,
+       j.max_retries,
+       j.error_message,
+       j.error_category,
+       j.error_details,
+       j.created_at,
+       j.updated_at,
+       j.started_at,
+       j.completed_at,
+       j.run_after,
+       j.attempt,
+       j.locked_by,
+       j.lease_expires_at,
+       j.schedule_name,
+       j.idempotency_key
+FROM reactor.jobs j;
+
+DROP FUNCTION reactor.queue_waiting_keys();
 
 -- 3. Retention ------------------------------------------------------------------------------------
 
@@ -135,6 +169,23 @@ BEGIN
 END
 $$;
 
+-- schedule_job() of 0011 (its ON CONFLICT without an arbiter needs the plain primary key below)
+CREATE OR REPLACE FUNCTION reactor.schedule_job(s public.job_schedules, p_slot timestamptz) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    slot_text text := reactor.slot_text(p_slot);
+    job       uuid;
+BEGIN
+    INSERT INTO reactor.jobs (job_type, priority, payload, schedule_name, idempotency_key)
+    VALUES (s.job_type, s.priority,
+            reactor.expand_payload(s.payload, to_char(p_slot AT TIME ZONE s.timezone, 'YYYY-MM-DD'), slot_text),
+            s.name, 'schedule:' || s.name || ':' || slot_text)
+    ON CONFLICT DO NOTHING
+    RETURNING id INTO job;
+    RETURN job;
+END
+$$;
+
 DROP TRIGGER "Jobs_drop_idempotent_standin" ON reactor.jobs;
 DROP FUNCTION reactor.jobs_drop_standin();
 DROP TRIGGER jobs_submit_once ON reactor.jobs;
@@ -142,45 +193,5 @@ DROP FUNCTION reactor.jobs_idempotent_insert();
 DROP INDEX reactor.jobs_idempotency_idx;
 ALTER TABLE reactor.jobs DROP CONSTRAINT jobs_pkey, ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
 ALTER TABLE reactor.jobs DROP COLUMN idempotent_standin;
-
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM reactor.schema_migrations WHERE version = 11 AND name = 'schedules') THEN
-        -- 0012 added the key and showed it in the view: the view of 0001 again
-        DROP VIEW public.jobs;
-        CREATE VIEW public.jobs WITH (security_invoker = true) AS
-        SELECT j.id,
-               j.job_type,
-               j.priority,
-               j.status,
-               j.payload,
-               j.result,
-               j.user_id,
-               j.renderer,
-               CASE WHEN j.status = 'queued'
-                    THEN reactor.queue_position(j.priority_rank, j.created_at, j.job_no) END AS queue_position,
-               j.retry_count,
-               j.max_retries,
-               j.error_message,
-               j.error_category,
-               j.error_details,
-               j.created_at,
-               j.updated_at,
-               j.started_at,
-               j.completed_at,
-               j.run_after,
-               j.attempt,
-               j.locked_by,
-               j.lease_expires_at
-        FROM reactor.jobs j;
-        COMMENT ON VIEW public.jobs IS
-            'One row per job. Insert with INSERT INTO jobs (job_type, payload[, priority, user_id]). '
-            'queue_position is computed when read (1 = next to start) and NULL unless queued. A multi-row '
-            'INSERT ... RETURNING queue_position numbers each row against the queue as it was before the '
-            'statement; read the positions again after a batch insert.';
-        ALTER TABLE reactor.jobs DROP COLUMN idempotency_key;
-    END IF;
-END
-$$;
 
 DELETE FROM reactor.schema_migrations WHERE version = 12;

@@ -78,14 +78,45 @@ def test_queue_position_is_null_until_due(db: Conn) -> None:
     assert db.execute("SELECT queue_position FROM jobs WHERE id = %s", (job_id,)).fetchone() == (1,)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, issue 17: positions (migration 0010) count every queued "
-                   "job ahead, due or not; a job waiting for its run_after should hold no place")
 def test_a_job_waiting_for_its_run_after_holds_no_place_ahead_of_others(db: Conn) -> None:
     delayed(db, 3600)
     row = db.execute("INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"x\"}') "
-                     "RETURNING id").fetchone()
+                     "RETURNING id, queue_position").fetchone()
     assert row is not None
+    assert row[1] == 1  # RETURNING too
     assert db.execute("SELECT queue_position FROM jobs WHERE id = %s", (row[0],)).fetchone() == (1,)
+
+
+def test_due_positions_leave_out_every_waiting_job_at_any_depth_and_priority(db: Conn) -> None:
+    # 300 medium jobs, every third of them waiting (far from the ends and near them), 5 high ones
+    # of which 2 wait, and a retrying job (queued with its backoff ahead): the due jobs are numbered
+    # 1..n in queue order as if the waiting ones were not there
+    db.execute(
+        "INSERT INTO jobs (job_type, priority, payload, run_after) "
+        "SELECT 'topic_short', CASE WHEN g <= 5 THEN 'high' ELSE 'medium' END, jsonb_build_object('topic', 't' || g), "
+        "       CASE WHEN g IN (2, 4) OR (g > 5 AND g % 3 = 0) THEN now() + interval '1 hour' ELSE now() END "
+        "FROM generate_series(1, 305) g")
+    db.execute("UPDATE jobs SET run_after = now() + interval '10 minutes', retry_count = 1 "
+               "WHERE id = (SELECT id FROM jobs WHERE payload->>'topic' = 't7')")
+    rows = db.execute(
+        "SELECT j.queue_position, j.run_after <= now() AS due FROM jobs j "
+        "JOIN reactor.jobs r ON r.id = j.id WHERE j.status = 'queued' "
+        "ORDER BY r.priority_rank, r.created_at, r.job_no").fetchall()
+    due = [p for p, is_due in rows if is_due]
+    assert due == list(range(1, len(due) + 1))
+    assert all(p is None for p, is_due in rows if not is_due)
+    assert len(due) == 305 - 2 - 100 - 1
+    # one job read alone, deep in the queue, agrees with the listing
+    (job_id, listed) = db.execute(
+        "SELECT id, queue_position FROM jobs WHERE payload->>'topic' = 't200'").fetchone() or (None, None)
+    assert listed is not None
+    assert db.execute("SELECT queue_position FROM jobs WHERE id = %s", (job_id,)).fetchone() == (listed,)
+    # when the waiting jobs fall due they take their places again
+    db.execute("UPDATE jobs SET run_after = now() WHERE status = 'queued'")
+    rows = db.execute(
+        "SELECT j.queue_position FROM jobs j JOIN reactor.jobs r ON r.id = j.id "
+        "ORDER BY r.priority_rank, r.created_at, r.job_no").fetchall()
+    assert [p for (p,) in rows] == list(range(1, 306))
 
 
 async def test_ten_thousand_delayed_jobs_due_at_the_same_second_start_within_the_limits(dsn: str, db: Conn) -> None:

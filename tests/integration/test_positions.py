@@ -1,6 +1,6 @@
 """Queue positions (migration 0010) against a recount, at every depth: each queued job's
 ``queue_position`` through ``jobs`` is 1 + the queued jobs ahead of it (priority, then created_at, then
-job_no; both renderers and delayed jobs counted), read one job at a time, all together, in position
+job_no; both renderers counted, jobs still waiting for their run_after not: migration 0012), read one job at a time, all together, in position
 order, in an INSERT's or UPDATE's RETURNING, inside a transaction that changed the queue, and in a
 REPEATABLE READ snapshot. The view keeps the first and last 64 jobs of each priority apart from the
 rest, so the queues here are deeper than that where it matters."""
@@ -30,12 +30,12 @@ JOB_TYPES = ("doubt", "topic_short")
 
 ORACLE = """
 SELECT id, row_number() OVER (ORDER BY priority_rank, created_at, job_no) AS position
-  FROM reactor.jobs WHERE status = 'queued'
+  FROM reactor.jobs WHERE status = 'queued' AND run_after <= now()
 """
 
 
 def oracle(conn: Conn) -> dict[uuid.UUID, int]:
-    """Each queued job's position by a recount: its place in the queue's order."""
+    """Each due queued job's position by a recount: its place in the queue's order, among the due."""
     return {r[0]: int(r[1]) for r in conn.execute(ORACLE)}
 
 
@@ -52,8 +52,8 @@ def insert(conn: Conn, n: int = 1, *, priority: str = "medium", job_type: str = 
 
 def check(conn: Conn, sample: int | None = 40, seed: int = 0) -> dict[uuid.UUID, int]:
     """Every way of reading positions agrees with the recount; returns the recount. A job waiting
-    for its run_after has no position (NULL until due, issue 17), though it still counts ahead of
-    the due jobs behind it (tests/integration/test_delayed.py, the strict xfail, says so)."""
+    for its run_after has no position (NULL until due, issue 17) and holds no place ahead of the due
+    jobs behind it (migration 0012)."""
     want = oracle(conn)
     # all rows at once: due queued ones numbered, the others NULL (now() is the statement's)
     rows = conn.execute("SELECT id, queue_position, status = 'queued' AND run_after > now() FROM jobs").fetchall()
@@ -70,7 +70,8 @@ def check(conn: Conn, sample: int | None = 40, seed: int = 0) -> dict[uuid.UUID,
     # one job at a time: the head and the tail of every priority, and a sample of the rest
     ids = sorted(want, key=want.__getitem__)
     by_priority: dict[str, list[uuid.UUID]] = {}
-    for job_id, priority in conn.execute("SELECT id, priority FROM reactor.jobs WHERE status = 'queued'"):
+    for job_id, priority in conn.execute(
+            "SELECT id, priority FROM reactor.jobs WHERE status = 'queued' AND run_after <= now()"):
         by_priority.setdefault(priority, []).append(job_id)
     picks = set()
     for members in by_priority.values():
@@ -78,6 +79,7 @@ def check(conn: Conn, sample: int | None = 40, seed: int = 0) -> dict[uuid.UUID,
         picks.update(members[:2] + members[ENDS - 1:ENDS + 1] + members[-ENDS - 1:-ENDS + 1] + members[-2:])
     rng = random.Random(seed)
     picks.update(ids if sample is None else rng.sample(ids, min(sample, len(ids))))
+    picks.update(sorted(waiting)[:5])  # NULL, one at a time too
     for job_id in picks:
         row = conn.execute("SELECT queue_position FROM jobs WHERE id = %s", (job_id,)).fetchone()
         assert row == (due.get(job_id),), job_id
