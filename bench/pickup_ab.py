@@ -81,8 +81,8 @@ def main() -> int:
         server.destroy()
     print(f"pickup at {args.rate:g} jobs/s in all, {args.jobs} jobs each, the two versions interleaved:")
     for name, tree, values, cache in zip("AB", trees, lat, caches, strict=True):
-        print(f"  {name} {tree} (cache {'on' if cache else 'off'}): p50 {pct(values, 50):.2f} ms, p90 {pct(values, 90):.2f} ms, "
-              f"p99 {pct(values, 99):.2f} ms ({len(values)} jobs)")
+        print(f"  {name} {tree} (cache {'on' if cache else 'off'}): p50 {pct(values, 50):.2f} ms, "
+              f"p90 {pct(values, 90):.2f} ms, p99 {pct(values, 99):.2f} ms ({len(values)} jobs)")
     print(f"  B - A at p50: {pct(lat[1], 50) - pct(lat[0], 50):+.2f} ms")
     return 0
 

@@ -1,9 +1,11 @@
 -- Named queries of the reactor, loaded once by reactor/db/store.py. Parameters are %(name)s.
 
 -- name: finish_and_claim
--- reactor.finish_and_claim, with the render cache settled between the outcomes and the claim (0012)
+-- reactor.finish_and_claim, with the render cache settled between the outcomes and the claim, and
+-- each claimed job's cache key and the cache's word on it (0012)
 SELECT * FROM reactor.finish_settle_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,
-                                              make_interval(secs => %(lease_s)s), %(clock)s)
+                                              make_interval(secs => %(lease_s)s), %(clock)s,
+                                              %(fallback)s::jsonb)
 
 -- name: release_strays
 -- jobs this reactor holds but neither renders nor has an outcome for (it could not read the claim
@@ -71,10 +73,6 @@ SELECT reactor.next_schedule_at() AS next_run_at, clock_timestamp() AS db_now
 -- name: prune_jobs
 -- finished jobs past job_queue_config.job_retention, with their events: one batch (migration 0012)
 SELECT * FROM reactor.prune_jobs(%(limit)s, %(since)s)
-
--- name: cached_types
--- job types whose jobs ask the render cache before rendering
-SELECT t.name FROM public.job_types t WHERE t.cache_ttl IS NOT NULL
 
 -- name: render_cache_take
 SELECT * FROM reactor.render_cache_take(%(job)s, %(attempt)s, %(reactor)s, %(key)s, %(request)s::jsonb,

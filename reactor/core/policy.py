@@ -7,8 +7,6 @@ rule is tested without a database or a network.
 from __future__ import annotations
 
 import email.utils
-import hashlib
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -28,7 +26,6 @@ __all__ = [
     "InvalidPayload",
     "backoff_seconds",
     "build_request",
-    "cache_key",
     "category_for_status",
     "decide_failure",
     "nested_deeper_than",
@@ -94,13 +91,6 @@ def build_request(job: ClaimedJob) -> RenderRequest:
         length=options["length"],
         voice=options["voice"],
     )
-
-
-def cache_key(request: RenderRequest) -> str:
-    """The render cache's key of a resolved request: sha256 of (job type, input, style, length,
-    voice) as canonical JSON. Equal requests, and only those, share a key."""
-    identity = [request.job_type, request.input, request.style, request.length, request.voice]
-    return hashlib.sha256(json.dumps(identity, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
 def wants_cache(job: ClaimedJob) -> bool:

@@ -27,12 +27,17 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from reactor import __version__
 from reactor.core.errors import DatabaseError, DatabaseTimeout, DatabaseUnavailable, StatementRefused
 from reactor.core.models import CacheDecision, ClaimedJob, Outcome, RenderRequest
+from reactor.core.policy import DEFAULT_RENDER_OPTIONS
 from reactor.db import pgtypes
 from reactor.db.sqlfiles import load_queries
 
 __all__ = ["TRANSIENT_ERRORS", "Database", "connect_kwargs", "database_errors", "one_line", "sanitize_json"]
 
 logger = logging.getLogger(__name__)
+
+#: the render options a job gets when neither its payload nor its type says: the claim resolves a
+#: cacheable job's request with them, as build_request() does (reactor.render_cache_request)
+_RENDER_FALLBACK = json.dumps(DEFAULT_RENDER_OPTIONS)
 
 # rows are user input: no value read from the database may raise while a result is fetched
 pgtypes.install()
@@ -87,8 +92,6 @@ class Database:
         #: drop one; from the floor, a sweep visits only those of its last few seconds. None: all.
         self._sweep_floor: datetime | None = None
         self._totals_from = 0
-        self._cached_types: frozenset[str] = frozenset()
-        self._cached_types_at = 0.0
         #: finished jobs are pruned from this completed_at on (the newest one the last batch deleted)
         self._prune_floor: datetime | None = None
         #: a live lease below the floor (a claim that committed long after it began, a job the
@@ -185,7 +188,7 @@ class Database:
         ]
         rows = await self._dispatch_rows("finish_and_claim", {
             "batch": json.dumps(batch, default=str), "reactor": self.reactor_id, "max": max_jobs,
-            "lease_s": lease_s, "clock": clock,
+            "lease_s": lease_s, "clock": clock, "fallback": _RENDER_FALLBACK,
         })
         written = {r["id"] for r in rows if r["written"]}
         claimed = [
@@ -194,27 +197,19 @@ class Database:
                 user_id=r["user_id"], renderer=r["renderer"], retry_count=r["retry_count"],
                 max_retries=r["max_retries"], attempt=r["attempt"], created_at=r["created_at"],
                 input_field=r["input_field"], type_defaults=r["type_defaults"],
-                timeout_minutes=r["timeout_minutes"],
+                timeout_minutes=r["timeout_minutes"], cache_key=r.get("cache_key"),
+                cache_state=r.get("cache_state"),
             )
             for r in rows
             if not r["written"]
         ]
         return written, claimed
 
-    #: seconds between reads of which job types use the render cache (job_types.cache_ttl)
-    CACHED_TYPES_EVERY_S = 10.0
-
     async def cache_take(self, job: ClaimedJob, request: RenderRequest, key: str, wait_s: float) -> CacheDecision:
         """Ask the render cache about a job this reactor holds, before rendering it
         (``reactor.render_cache_take``): render it, complete it from a render younger than its type's
-        TTL (hit), or let it wait for the job rendering the same request now (the job is queued again)."""
-        now = time.monotonic()
-        if now >= self._cached_types_at:
-            rows = await self._rows("cached_types", {})
-            self._cached_types = frozenset(str(r["name"]) for r in rows)
-            self._cached_types_at = now + self.CACHED_TYPES_EVERY_S
-        if job.job_type not in self._cached_types:
-            return CacheDecision("render")
+        TTL (hit), or let it wait for the job rendering the same request now (the job is queued again).
+        Asked only when the claim did not settle it (``ClaimedJob.cache_state`` other than render)."""
         rows = await self._rows("render_cache_take", {
             "job": job.id, "attempt": job.attempt, "reactor": self.reactor_id, "key": key,
             "request": json.dumps({"job_type": request.job_type, "input": request.input, "style": request.style,

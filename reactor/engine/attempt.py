@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from reactor.core.circuit import CircuitBreaker
 from reactor.core.errors import RenderError
 from reactor.core.models import CacheDecision, ClaimedJob, Outcome, RenderRequest, RenderResult
-from reactor.core.policy import InvalidPayload, build_request, cache_key, wants_cache
+from reactor.core.policy import InvalidPayload, build_request, wants_cache
 from reactor.engine.circuit_watch import CircuitWatch
 from reactor.engine.decisions import (
     DispatchSettings,
@@ -65,9 +65,10 @@ async def attempt(job: ClaimedJob, render: RenderFn, settings: DispatchSettings,
     timeout = job.timeout_minutes * 60.0
     if settings.max_render_timeout_s is not None:
         timeout = min(timeout, settings.max_render_timeout_s)
-    key: str | None = None
-    if cache is not None and wants_cache(job):
-        key = cache_key(request)
+    # the claim resolved the request in SQL and keyed it (None: the job does not use the cache); it
+    # said "render" when no render was there to share, and then there is nothing to ask
+    key = job.cache_key if cache is not None and wants_cache(job) else None
+    if cache is not None and key is not None and job.cache_state != "render":
         try:
             decision = await cache(job, request, key, CACHE_WAIT_S)
         except Exception as exc:  # the cache is an optimisation: without it, the job renders

@@ -26,9 +26,12 @@
 --    transactions whose snapshot cannot see the job committed before them (REPEATABLE READ,
 --    SERIALIZABLE): they get a unique_violation, never a second job.
 --
--- 2. Render cache. job_types.cache_ttl (NULL: off; topic_short and daily_ca 24 hours). The reactor
---    resolves a job's request (job type, input, style, length, voice), hashes it (cache_key) and
---    asks reactor.render_cache_take() before rendering, under an advisory lock on the key:
+-- 2. Render cache. job_types.cache_ttl (NULL: off; topic_short and daily_ca 24 hours). The claim
+--    (finish_settle_and_claim) resolves each claimed job's request (job type, input, style, length,
+--    voice; reactor.render_cache_request), hashes it (cache_key) and, under an advisory lock on the
+--    key, looks at its entry in reactor.render_cache (render_cache_claim): none usable, and this job
+--    renders with no further round trip (the entry now names it); else the reactor asks
+--    reactor.render_cache_take() before rendering, which decides under the lock:
 --      * a completed entry younger than the TTL: the job completes at once with its result and
 --        result.cached_from = the job that rendered it (no render call);
 --      * an entry another live job is rendering: this job waits for it, queued with
@@ -36,7 +39,7 @@
 --        renderer's outcome is written, in that same transaction, every waiter completes with
 --        the result (or, if the render failed, is due at once to render itself);
 --        should nothing come, run_after passes, it is claimed again and asks again;
---      * else this job renders, and the entry (reactor.render_cache, keyed by the hash) names it.
+--      * else this job renders, and the entry names it.
 --    Every lookup is by key. payload.cache = false opts a job out.
 --
 -- 3. Retention. job_queue_config.job_retention (default 30 days): completed, failed and cancelled
@@ -272,21 +275,87 @@ BEGIN
 END
 $$;
 
+-- The request a claimed job would render, as the cache keys it, or NULL when the job does not use the
+-- cache: payload.cache = false, or an input or option that is not text (the reactor fails such a job
+-- without rendering). As reactor/core/policy.py build_request() resolves it: the input is
+-- payload[input_field]; style, length and voice come from the payload, else the job type's
+-- defaults, else p_fallback (the reactor's DEFAULT_RENDER_OPTIONS). Values are trimmed of fewer
+-- characters than Python's str.strip(), so two jobs with one key always make one request (two
+-- requests the reactor would make equal may get two keys: a render not saved, nothing worse).
+CREATE FUNCTION reactor.render_cache_request(p_job_type text, p_payload jsonb, p_input_field text,
+                                             p_defaults jsonb, p_fallback jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(p_payload) = 'object' AND jsonb_typeof(p_defaults) = 'object'
+                     AND p_payload -> 'cache' IS DISTINCT FROM 'false'::jsonb
+                     AND jsonb_typeof(p_payload -> p_input_field) = 'string'
+                     AND jsonb_typeof(o.style) = 'string' AND jsonb_typeof(o.length) = 'string'
+                     AND jsonb_typeof(o.voice) = 'string'
+                THEN jsonb_build_object('job_type', p_job_type,
+                                        'input', btrim(p_payload ->> p_input_field, E' \t\n\r'),
+                                        'style', btrim(o.style #>> '{}', E' \t\n\r'),
+                                        'length', btrim(o.length #>> '{}', E' \t\n\r'),
+                                        'voice', btrim(o.voice #>> '{}', E' \t\n\r')) END
+      FROM (SELECT coalesce(p_payload -> 'style', p_defaults -> 'style', p_fallback -> 'style') AS style,
+                   coalesce(p_payload -> 'length', p_defaults -> 'length', p_fallback -> 'length') AS length,
+                   coalesce(p_payload -> 'voice', p_defaults -> 'voice', p_fallback -> 'voice') AS voice) o
+$$;
+
+-- The cache's word on a job just claimed, inside the claim: 'render' (no entry to use: this job now
+-- renders the request, and the entry names it, so identical jobs claimed after this commit wait for
+-- it), 'hit' (a completed render younger than p_ttl), 'wait' (another live job renders it), or
+-- 'ask' (another transaction holds the key's lock: the reactor asks render_cache_take(), which
+-- waits for it). The lock is only tried, never waited for: a claim holds the claim lock, and
+-- waiting here could close a cycle with a settle. On 'hit' and 'wait' the reactor asks
+-- render_cache_take() too, which decides again under the lock; a job that renders asks nothing.
+CREATE FUNCTION reactor.render_cache_claim(p_job uuid, p_key text, p_request jsonb, p_ttl interval)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    entry reactor.render_cache;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7240514, hashtext(p_key)) THEN
+        RETURN 'ask';
+    END IF;
+    SELECT c.* INTO entry FROM reactor.render_cache c WHERE c.key = p_key;
+    IF FOUND AND entry.status = 'completed' AND entry.completed_at > now() - p_ttl
+       AND jsonb_typeof(entry.result) = 'object' AND entry.result ? 'video_url' THEN
+        RETURN 'hit';
+    END IF;
+    IF FOUND AND entry.status = 'rendering' AND entry.job_id <> p_job AND EXISTS (
+            SELECT 1 FROM reactor.jobs r WHERE r.id = entry.job_id AND r.status IN ('queued', 'processing')) THEN
+        RETURN 'wait';
+    END IF;
+    INSERT INTO reactor.render_cache AS c (key, request, job_id, status)
+    VALUES (p_key, p_request, p_job, 'rendering')
+    ON CONFLICT (key) DO UPDATE
+        SET request = EXCLUDED.request, job_id = EXCLUDED.job_id, status = 'rendering', result = NULL,
+            started_at = now(), completed_at = NULL;
+    RETURN 'render';
+END
+$$;
+
 -- finish_and_claim (0008) with the render cache settled between the outcomes and the claim, in the
--- same transaction. The reactor calls this one (sql/queries.sql, finish_and_claim).
+-- same transaction, and each claimed job's cache key and the cache's word on it (cache_key NULL:
+-- the job does not use the cache). p_fallback: the reactor's default render options. The reactor
+-- calls this one (sql/queries.sql, finish_and_claim).
 CREATE FUNCTION reactor.finish_settle_and_claim(p_batch jsonb, p_reactor text, p_max integer,
-                                                p_lease interval, p_clock timestamptz DEFAULT now())
+                                                p_lease interval, p_clock timestamptz DEFAULT now(),
+                                                p_fallback jsonb DEFAULT '{}')
 RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload jsonb, user_id uuid,
                renderer text, retry_count integer, max_retries integer, attempt integer,
-               created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer)
+               created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer,
+               cache_key text, cache_state text)
 LANGUAGE plpgsql AS $$
 DECLARE
     r    record;
+    req  jsonb;
     done uuid[] := '{}';
 BEGIN
     IF p_max > 0 THEN
         PERFORM pg_advisory_xact_lock(7240513002);  -- before the journal lock: one lock order
     END IF;
+    cache_key := NULL;
+    cache_state := NULL;
     FOR r IN SELECT * FROM reactor.finish_and_claim(p_batch, p_reactor, 0, p_lease, p_clock) LOOP
         done := done || r.id;
         written := r.written; id := r.id; job_type := r.job_type; priority := r.priority;
@@ -299,7 +368,24 @@ BEGIN
         PERFORM reactor.render_cache_settle(p_batch, done);
     END IF;
     IF p_max > 0 THEN
-        RETURN QUERY SELECT false, c.* FROM reactor.claim_jobs(p_reactor, p_max, p_lease, p_clock) c;
+        FOR r IN SELECT c.*, t.cache_ttl
+                   FROM reactor.claim_jobs(p_reactor, p_max, p_lease, p_clock) c
+                   LEFT JOIN public.job_types t ON t.name = c.job_type LOOP
+            written := false; id := r.id; job_type := r.job_type; priority := r.priority;
+            payload := r.payload; user_id := r.user_id; renderer := r.renderer; retry_count := r.retry_count;
+            max_retries := r.max_retries; attempt := r.attempt; created_at := r.created_at;
+            input_field := r.input_field; type_defaults := r.type_defaults; timeout_minutes := r.timeout_minutes;
+            cache_key := NULL;
+            cache_state := NULL;
+            IF r.cache_ttl IS NOT NULL THEN
+                req := reactor.render_cache_request(r.job_type, r.payload, r.input_field, r.type_defaults, p_fallback);
+                IF req IS NOT NULL THEN
+                    cache_key := encode(sha256(convert_to(req::text, 'UTF8')), 'hex');
+                    cache_state := reactor.render_cache_claim(r.id, cache_key, req, r.cache_ttl);
+                END IF;
+            END IF;
+            RETURN NEXT;
+        END LOOP;
     END IF;
 END
 $$;

@@ -58,7 +58,9 @@ ALTER TABLE public.job_queue_config DROP COLUMN job_retention;
 
 -- 2. Render cache ---------------------------------------------------------------------------------
 
-DROP FUNCTION reactor.finish_settle_and_claim(jsonb, text, integer, interval, timestamptz);
+DROP FUNCTION reactor.finish_settle_and_claim(jsonb, text, integer, interval, timestamptz, jsonb);
+DROP FUNCTION reactor.render_cache_claim(uuid, text, jsonb, interval);
+DROP FUNCTION reactor.render_cache_request(text, jsonb, text, jsonb, jsonb);
 DROP FUNCTION reactor.render_cache_settle(jsonb, uuid[]);
 DROP FUNCTION reactor.render_cache_take(uuid, integer, text, text, jsonb, interval);
 DROP TABLE reactor.render_cache;

@@ -1,9 +1,9 @@
-"""Queue positions (migration 0010) against a recount, at every depth: each queued job's
-``queue_position`` through ``jobs`` is 1 + the queued jobs ahead of it (priority, then created_at, then
-job_no; both renderers counted, jobs still waiting for their run_after not: migration 0012), read one job at a time, all together, in position
-order, in an INSERT's or UPDATE's RETURNING, inside a transaction that changed the queue, and in a
-REPEATABLE READ snapshot. The view keeps the first and last 64 jobs of each priority apart from the
-rest, so the queues here are deeper than that where it matters."""
+"""Queue positions (migrations 0010, 0012) against a recount, at every depth: each due queued job's
+``queue_position`` through ``jobs`` is 1 + the due queued jobs ahead of it (priority, then created_at,
+then job_no; both renderers counted, jobs still waiting for their run_after not), read one job at a
+time, all together, in position order, in an INSERT's or UPDATE's RETURNING, inside a transaction
+that changed the queue, and in a REPEATABLE READ snapshot. The view keeps the first and last 64 jobs
+of each priority apart from the rest, so the queues here are deeper than that where it matters."""
 
 from __future__ import annotations
 

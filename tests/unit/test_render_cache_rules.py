@@ -1,7 +1,9 @@
-"""The render cache's pure parts and how one attempt uses it (a fake cache, a fake render)."""
+"""How one attempt uses the render cache (a fake cache, a fake render): the claim keyed the job and
+said what the cache holds (tests/integration/test_render_cache.py runs the SQL side)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -10,7 +12,7 @@ import pytest
 from reactor.core.circuit import CircuitBreaker
 from reactor.core.errors import RenderError
 from reactor.core.models import CacheDecision, ClaimedJob, RenderRequest, RenderResult
-from reactor.core.policy import build_request, cache_key, wants_cache
+from reactor.core.policy import wants_cache
 from reactor.engine.attempt import PARKED, attempt
 from reactor.engine.circuit_watch import CircuitWatch
 from reactor.engine.decisions import DispatchSettings
@@ -21,20 +23,6 @@ pytestmark = pytest.mark.anyio
 
 def topic(payload: dict[str, Any]) -> ClaimedJob:
     return claimed("topic_short", payload, field="topic")
-
-
-def test_equal_requests_share_a_key_and_only_they_do() -> None:
-    a = build_request(topic({"topic": "Osmosis"}))
-    b = build_request(topic({"topic": " Osmosis ", "style": "default", "other": 1}))
-    assert cache_key(a) == cache_key(b) and len(cache_key(a)) == 64
-    for changed in ({"topic": "Osmosis", "voice": "asha"}, {"topic": "osmosis"},
-                    {"topic": "Osmosis", "length": "long"}):
-        assert cache_key(build_request(topic(changed))) != cache_key(a)
-    # the job type is part of the request
-    assert cache_key(build_request(claimed("daily_ca", {"date": "Osmosis"}, field="date"))) != cache_key(a)
-    # no separator trick: the fields are a JSON array
-    assert cache_key(build_request(topic({"topic": "a", "style": "b,c"}))) != cache_key(
-        build_request(topic({"topic": "a,b", "style": "c"})))
 
 
 def test_a_job_opts_out_with_cache_false_only() -> None:
@@ -53,7 +41,11 @@ class Farm:
                                             "processing_time_ms": 5})
 
 
-async def run(decision: CacheDecision | Exception, payload: dict[str, Any] | None = None) -> tuple[Any, Farm]:
+KEY = "k" * 64
+
+
+async def run(decision: CacheDecision | Exception, payload: dict[str, Any] | None = None,
+              state: str | None = "ask", key: str | None = KEY) -> tuple[Any, Farm, list[str]]:
     farm = Farm()
     asked: list[str] = []
 
@@ -66,27 +58,36 @@ async def run(decision: CacheDecision | Exception, payload: dict[str, Any] | Non
 
     circuit = CircuitBreaker(threshold=5, probe_base_s=1.0, probe_cap_s=30.0, rng=random.Random(1))
     watch = CircuitWatch(circuit, None, None, inflight=lambda: 0, want_claim=lambda: None)  # type: ignore[arg-type]
-    job = topic(payload or {"topic": "Osmosis"})
+    job = dataclasses.replace(topic(payload or {"topic": "Osmosis"}), cache_key=key, cache_state=state)
     outcome = await attempt(job, farm.render, DispatchSettings(), circuit, watch, random.Random(1), cache)
-    return outcome, farm
+    return outcome, farm, asked
 
 
 async def test_a_hit_completes_without_a_render_call() -> None:
     cached = {"video_url": "https://cdn.example/old.mp4", "thumbnail_url": None, "cached_from": "j0"}
-    outcome, farm = await run(CacheDecision("hit", None, cached))
-    assert (outcome.status, outcome.result, outcome.cache_key, farm.calls) == ("completed", cached, None, 0)
+    for state in ("hit", "ask"):
+        outcome, farm, asked = await run(CacheDecision("hit", None, cached), state=state)
+        assert (outcome.status, outcome.result, outcome.cache_key, farm.calls, asked) == (
+            "completed", cached, None, 0, [KEY])
 
 
 async def test_a_waiter_is_parked_and_a_renderer_carries_its_key() -> None:
-    outcome, farm = await run(CacheDecision("wait"))
+    outcome, farm, _ = await run(CacheDecision("wait"), state="wait")
     assert (outcome.status, farm.calls) == (PARKED, 0)
-    outcome, farm = await run(CacheDecision("render"))
-    assert (outcome.status, farm.calls) == ("completed", 1)
-    assert outcome.cache_key == cache_key(build_request(topic({"topic": "Osmosis"})))
+    outcome, farm, asked = await run(CacheDecision("render"))
+    assert (outcome.status, farm.calls, outcome.cache_key, asked) == ("completed", 1, KEY, [KEY])
 
 
-async def test_a_broken_cache_or_an_opt_out_renders_without_a_key() -> None:
-    outcome, farm = await run(RenderError("UNKNOWN", "the database is away"))
+async def test_a_job_the_claim_said_renders_asks_nothing_more() -> None:
+    # the claim found nothing to share and named this job in the entry: no round trip before the render
+    outcome, farm, asked = await run(RuntimeError("must not be asked"), state="render")
+    assert (outcome.status, farm.calls, outcome.cache_key, asked) == ("completed", 1, KEY, [])
+
+
+async def test_a_broken_cache_an_opt_out_or_no_key_renders_without_a_key() -> None:
+    outcome, farm, _ = await run(RenderError("UNKNOWN", "the database is away"))
     assert (outcome.status, outcome.cache_key, farm.calls) == ("completed", None, 1)
-    outcome, farm = await run(CacheDecision("hit"), {"topic": "Osmosis", "cache": False})
-    assert (outcome.status, outcome.cache_key, farm.calls) == ("completed", None, 1)
+    outcome, farm, asked = await run(CacheDecision("hit"), {"topic": "Osmosis", "cache": False})
+    assert (outcome.status, outcome.cache_key, farm.calls, asked) == ("completed", None, 1, [])
+    outcome, farm, asked = await run(CacheDecision("hit"), key=None, state=None)
+    assert (outcome.status, outcome.cache_key, farm.calls, asked) == ("completed", None, 1, [])
