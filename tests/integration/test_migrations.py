@@ -275,3 +275,43 @@ def test_0005_keeps_the_claims_plan_and_its_rollback_lets_the_planner_choose(fre
     migrate_down(fresh_dsn, to_version=4)
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         assert conn.execute(query).fetchone() == (None,)
+
+
+# Definitions too, not only names: what a rollback must put back exactly.
+_ALL_DEFINITIONS = f"""
+SELECT 'def', pg_get_functiondef(p.oid) || coalesce(p.proacl::text, '') || p.prosecdef::text
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {_USER_NS} AND p.prokind IN ('f', 'p')
+UNION ALL
+SELECT 'def', pg_get_triggerdef(g.oid) FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {_USER_NS} AND NOT g.tgisinternal
+UNION ALL
+SELECT 'def', format('%s %s %s', k.conname, pg_get_constraintdef(k.oid), k.condeferrable)
+  FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace WHERE {_USER_NS}
+UNION ALL
+SELECT 'def', i.indexdef FROM pg_indexes i WHERE i.schemaname NOT IN ('pg_catalog', 'information_schema')
+UNION ALL
+SELECT 'def', format('%s.%s %s', c.relname, a.attname, coalesce(c.relacl::text, ''))
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE {_USER_NS} AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def definitions(dsn: str) -> frozenset[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return snapshot(dsn) | frozenset(tuple(r) for r in conn.execute(_ALL_DEFINITIONS).fetchall())
+
+
+def test_rolling_back_0012_puts_back_exactly_what_0011_made(fresh_dsn: str) -> None:
+    upto_11 = [m for m in discover() if m.version <= 11]
+    migrate_up(fresh_dsn, upto_11)
+    at_11 = definitions(fresh_dsn)
+    migrate_up(fresh_dsn)
+    assert 12 in applied_versions_of(fresh_dsn)
+    migrate_down(fresh_dsn, to_version=11)
+    back = definitions(fresh_dsn)
+    assert back == at_11, {"left behind": sorted(back - at_11), "missing": sorted(at_11 - back)}
+
+
+def applied_versions_of(dsn: str) -> set[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return set(applied_versions(conn))

@@ -73,3 +73,31 @@ async def test_waiters_render_themselves_when_the_render_fails(dsn: str, db: Con
     assert len(orch.requests) == 3
     assert {j["status"] for j in jobs(db)} == {"failed"}
     assert db.execute("SELECT count(*) FROM reactor.render_cache").fetchone() == (0,)
+
+
+def test_the_claim_keys_each_job_and_says_what_the_cache_holds(db: Conn) -> None:
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 100, max_manim_renders = 100")
+    db.execute("INSERT INTO jobs (job_type, payload) VALUES "
+               "('topic_short', '{\"topic\": \" Osmosis \"}'), ('topic_short', '{\"topic\": \"Osmosis\"}'), "
+               "('topic_short', '{\"topic\": \"Osmosis\", \"cache\": false}'), ('doubt', '{\"question\": \"Osmosis\"}')")
+    claim = ("SELECT id, payload, cache_key, cache_state FROM reactor.finish_settle_and_claim("
+             "'[]', 'r1', %s, interval '60 s', now(), '{\"style\": \"default\", \"length\": \"short\", "
+             "\"voice\": \"default\"}') ORDER BY created_at")
+    with db.cursor(row_factory=dict_row) as cur:
+        first = cur.execute(claim, (1,)).fetchall()
+        rest = cur.execute(claim, (10,)).fetchall()
+    [renders] = first
+    assert renders["cache_state"] == "render" and len(renders["cache_key"]) == 64
+    entry = db.execute("SELECT key, job_id, status FROM reactor.render_cache").fetchall()
+    assert entry == [(renders["cache_key"], renders["id"], "rendering")]
+    # the same request (trimmed): wait for it; opted out, or a type without a TTL: no key, nothing to ask
+    assert [(r["cache_key"] == renders["cache_key"], r["cache_state"]) for r in rest] == [
+        (True, "wait"), (False, None), (False, None)]
+    assert [r["cache_key"] for r in rest[1:]] == [None, None]
+    # once it completed, an identical job claimed is a hit
+    db.execute("UPDATE reactor.render_cache SET status = 'completed', completed_at = now(), "
+               "result = '{\"video_url\": \"https://cdn.example/v.mp4\"}'")
+    db.execute("INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"Osmosis\"}')")
+    with db.cursor(row_factory=dict_row) as cur:
+        [hit] = cur.execute(claim, (10,)).fetchall()
+    assert (hit["cache_key"], hit["cache_state"]) == (renders["cache_key"], "hit")

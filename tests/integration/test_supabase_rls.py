@@ -27,9 +27,9 @@ from psycopg.rows import dict_row
 
 from reactor.cli.main import main
 from reactor.db.embedded import EmbeddedPostgres
-from reactor.db.migrations import applied_versions, discover, migrate_up
+from reactor.db.migrations import applied_versions, discover, migrate_down, migrate_optional_up, migrate_up
 from reactor.db.sqlfiles import sql_dir
-from tests.integration.test_migrations import snapshot
+from tests.integration.test_migrations import definitions, snapshot
 
 ROLES = ("anon", "authenticated", "service_role")
 SUPABASE = sql_dir() / "optional" / "supabase.sql"
@@ -238,6 +238,27 @@ def test_applies_reruns_and_rolls_back_to_the_same_catalog(
     # and again, to show the cycle repeats
     assert main(["migrate", "--dsn", supa_dsn, "--supabase"]) == 0
     assert catalog(supa_dsn) == after
+
+
+def test_0012_over_the_hardening_is_the_hardening_over_0012_and_rolls_back_to_it(
+    pg_server: EmbeddedPostgres, supabase_roles: None
+) -> None:
+    # 0012 replaces functions the hardening made SECURITY DEFINER and get_queue_stats(), whose
+    # privileges it set: upgrading a hardened database must end where hardening an upgraded one does
+    upto_11 = [m for m in discover() if m.version <= 11]
+    with _database(pg_server, SUPABASE_DEFAULT_PRIVILEGES, AUTH_SCHEMA) as upgraded, \
+            _database(pg_server, SUPABASE_DEFAULT_PRIVILEGES, AUTH_SCHEMA) as fresh:
+        migrate_up(upgraded, upto_11)
+        migrate_optional_up(upgraded, "supabase")
+        hardened_11 = catalog(upgraded) | definitions(upgraded)
+        migrate_up(upgraded)
+        migrate_up(fresh)
+        migrate_optional_up(fresh, "supabase")
+        a, b = catalog(upgraded) | definitions(upgraded), catalog(fresh) | definitions(fresh)
+        assert a == b, {"upgraded only": sorted(a - b), "fresh only": sorted(b - a)}
+        migrate_down(upgraded, to_version=11)
+        back = catalog(upgraded) | definitions(upgraded)
+        assert back == hardened_11, {"left behind": sorted(back - hardened_11), "missing": sorted(hardened_11 - back)}
 
 
 def test_general_down_removes_the_hardening_first(hardened: str, capsys: pytest.CaptureFixture[str]) -> None:
