@@ -79,7 +79,8 @@ def test_the_claim_keys_each_job_and_says_what_the_cache_holds(db: Conn) -> None
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 100, max_manim_renders = 100")
     db.execute("INSERT INTO jobs (job_type, payload) VALUES "
                "('topic_short', '{\"topic\": \" Osmosis \"}'), ('topic_short', '{\"topic\": \"Osmosis\"}'), "
-               "('topic_short', '{\"topic\": \"Osmosis\", \"cache\": false}'), ('doubt', '{\"question\": \"Osmosis\"}')")
+               "('topic_short', '{\"topic\": \"Osmosis\", \"cache\": false}'), "
+               "('doubt', '{\"question\": \"Osmosis\"}')")
     claim = ("SELECT id, payload, cache_key, cache_state FROM reactor.finish_settle_and_claim("
              "'[]', 'r1', %s, interval '60 s', now(), '{\"style\": \"default\", \"length\": \"short\", "
              "\"voice\": \"default\"}') ORDER BY created_at")
