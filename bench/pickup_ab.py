@@ -12,7 +12,7 @@ two databases in A B B A order, so that each version sees the same moments of th
 is the same as ``reactor_bench.py``'s: the insert's commit to the double receiving ``POST /render``.
 The same tree given twice measures the method's own spread (within 0.05 ms at p50 here).
 
-The render cache (migration 0012) is off in both databases unless ``--cache-a on`` / ``--cache-b on``
+The render cache (migration 0013) is off in both databases unless ``--cache-a on`` / ``--cache-b on``
 (then topic_short keeps the TTL its migration gave it). Every job has its own topic, so with the
 cache on each one misses it: the same tree given twice, once with the cache and once without,
 measures what asking the cache costs a job that renders.

@@ -106,7 +106,7 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20) 
 
 def without_render_cache(dsn: str) -> None:
     """The benchmarks measure the render path: jobs with the same input must each render, not
-    complete from the render cache (migration 0012; an older schema has no cache to turn off)."""
+    complete from the render cache (migration 0013; an older schema has no cache to turn off)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
                      "'public' AND table_name = 'job_types' AND column_name = 'cache_ttl') THEN "

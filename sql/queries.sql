@@ -2,7 +2,7 @@
 
 -- name: finish_and_claim
 -- reactor.finish_and_claim, with the render cache settled between the outcomes and the claim, and
--- each claimed job's cache key and the cache's word on it (0012)
+-- each claimed job's cache key and the cache's word on it (0013)
 SELECT * FROM reactor.finish_settle_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,
                                               make_interval(secs => %(lease_s)s), %(clock)s,
                                               %(fallback)s::jsonb)
@@ -71,7 +71,7 @@ SELECT f.schedule_name, f.slot, f.job_id, f.fired FROM reactor.fire_schedules(co
 SELECT reactor.next_schedule_at() AS next_run_at, clock_timestamp() AS db_now
 
 -- name: prune_jobs
--- finished jobs past job_queue_config.job_retention, with their events: one batch (migration 0012)
+-- finished jobs past job_queue_config.job_retention, with their events: one batch (migration 0013)
 SELECT * FROM reactor.prune_jobs(%(limit)s, %(since)s)
 
 -- name: render_cache_take

@@ -41,7 +41,7 @@ class ClaimedJob:
     input_field: str
     type_defaults: dict[str, Any]
     timeout_minutes: int
-    #: the render cache's key of its request (migration 0012), None when it does not use the cache
+    #: the render cache's key of its request (migration 0013), None when it does not use the cache
     cache_key: str | None = None
     #: the cache's word at the claim: render (no render to share: render it, nothing more to ask),
     #: hit, wait or ask (ask ``reactor.render_cache_take`` before rendering)

@@ -1,4 +1,4 @@
-"""Deduplication (migration 0012): an INSERT whose idempotency_key a live job holds creates nothing
+"""Deduplication (migration 0013): an INSERT whose idempotency_key a live job holds creates nothing
 and returns that job, through the public view, one session or fifty at once."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Queue positions (migrations 0010, 0012) against a recount, at every depth: each due queued job's
+"""Queue positions (migrations 0010, 0013) against a recount, at every depth: each due queued job's
 ``queue_position`` through ``jobs`` is 1 + the due queued jobs ahead of it (priority, then created_at,
 then job_no; both renderers counted, jobs still waiting for their run_after not), read one job at a
 time, all together, in position order, in an INSERT's or UPDATE's RETURNING, inside a transaction
@@ -53,7 +53,7 @@ def insert(conn: Conn, n: int = 1, *, priority: str = "medium", job_type: str = 
 def check(conn: Conn, sample: int | None = 40, seed: int = 0) -> dict[uuid.UUID, int]:
     """Every way of reading positions agrees with the recount; returns the recount. A job waiting
     for its run_after has no position (NULL until due, issue 17) and holds no place ahead of the due
-    jobs behind it (migration 0012)."""
+    jobs behind it (migration 0013)."""
     want = oracle(conn)
     # all rows at once: due queued ones numbered, the others NULL (now() is the statement's)
     rows = conn.execute("SELECT id, queue_position, status = 'queued' AND run_after > now() FROM jobs").fetchall()

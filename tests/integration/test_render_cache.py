@@ -1,4 +1,4 @@
-"""The render cache (migration 0012): identical requests render once, across reactors; the others
+"""The render cache (migration 0013): identical requests render once, across reactors; the others
 complete with the same video and result.cached_from; payload.cache = false renders."""
 
 from __future__ import annotations

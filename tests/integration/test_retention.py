@@ -1,4 +1,4 @@
-"""Retention (migration 0012): finished jobs past job_queue_config.job_retention are deleted with
+"""Retention (migration 0013): finished jobs past job_queue_config.job_retention are deleted with
 their events, in batches, by the sweep and by ``reactor prune``; queued and processing jobs never."""
 
 from __future__ import annotations

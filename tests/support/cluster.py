@@ -660,7 +660,7 @@ def check_jobs(ev: Evidence, inserted: Collection[str], *, settled: bool = True,
         if status == "completed":
             if not j["result"] or "video_url" not in j["result"]:
                 out.append(f"job {s} completed without a result")
-            # a job completed from the render cache (migration 0012) shows the render of its source
+            # a job completed from the render cache (migration 0013) shows the render of its source
             source = str((j["result"] or {}).get("cached_from") or job_id)
             oks = [r for r in ev.requests.get(source, []) if r["outcome"] == "ok" and r["answered_at"]]
             if not oks:

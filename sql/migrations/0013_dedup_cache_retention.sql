@@ -1,9 +1,9 @@
--- 0012_dedup_cache_retention: idempotent inserts, a render cache, retention of finished jobs, and
+-- 0013_dedup_cache_retention: idempotent inserts, a render cache, retention of finished jobs, and
 -- positions that leave out jobs not yet due.
 --
 -- Apply with `reactor migrate --dsn DSN`, or by hand:
---     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/migrations/0012_dedup_cache_retention.sql
--- Roll back with `reactor migrate --dsn DSN --down --to 11` (sql/rollback/0012_dedup_cache_retention.sql).
+--     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/migrations/0013_dedup_cache_retention.sql
+-- Roll back with `reactor migrate --dsn DSN --down --to 12` (sql/rollback/0013_dedup_cache_retention.sql).
 -- Never edit this file once released: add a new numbered migration instead.
 --
 -- Four parts, each in its own section below (README, "Deduplication, the render cache and
@@ -54,6 +54,9 @@
 -- key, and so are deduplicated like any job), reactor.schedule_job() names its ON CONFLICT arbiter
 -- (the primary key is deferrable now, and ON CONFLICT refuses a deferrable arbiter), and the view
 -- public.jobs keeps every column 0011 gave it.
+--
+-- With 0012_commit_path: nothing here replaces reactor.sequence_commit() (0012's read of the jobs a
+-- commit queued, by key behind an OFFSET 0 fence, stays as it is), and no object 0012 made.
 
 -- 1. Deduplication --------------------------------------------------------------------------------
 
@@ -592,4 +595,4 @@ BEGIN
 END
 $$;
 
-INSERT INTO reactor.schema_migrations (version, name) VALUES (12, 'dedup_cache_retention');
+INSERT INTO reactor.schema_migrations (version, name) VALUES (13, 'dedup_cache_retention');

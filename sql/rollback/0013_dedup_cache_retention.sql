@@ -1,7 +1,8 @@
--- Rollback of 0012_dedup_cache_retention: no deduplication, no render cache, no retention of jobs,
--- positions as 0011 left them; every object 0012 replaced is put back as 0011 (or 0001, for the
--- journal's functions and the primary key of reactor.jobs) made it.
---     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/rollback/0012_dedup_cache_retention.sql
+-- Rollback of 0013_dedup_cache_retention: no deduplication, no render cache, no retention of jobs,
+-- positions as 0011 left them; every object 0013 replaced is put back as 0011 (or 0001, for the
+-- journal's functions and the primary key of reactor.jobs) made it; 0012_commit_path replaced none
+-- of them, and what it made (reactor.sequence_commit()) 0013 never touched, so this ends at 0012.
+--     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/rollback/0013_dedup_cache_retention.sql
 -- jobs.idempotency_key stays: it is 0011's.
 
 -- 4. Positions of due jobs -------------------------------------------------------------------------
@@ -196,4 +197,4 @@ DROP INDEX reactor.jobs_idempotency_idx;
 ALTER TABLE reactor.jobs DROP CONSTRAINT jobs_pkey, ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
 ALTER TABLE reactor.jobs DROP COLUMN idempotent_standin;
 
-DELETE FROM reactor.schema_migrations WHERE version = 12;
+DELETE FROM reactor.schema_migrations WHERE version = 13;
