@@ -290,6 +290,9 @@ SELECT 'def', format('%s %s %s', k.conname, pg_get_constraintdef(k.oid), k.conde
 UNION ALL
 SELECT 'def', i.indexdef FROM pg_indexes i WHERE i.schemaname NOT IN ('pg_catalog', 'information_schema')
 UNION ALL
+SELECT 'def', format('%s.%s %s', n.nspname, c.relname, pg_get_viewdef(c.oid))
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {_USER_NS} AND c.relkind IN ('v', 'm')
+UNION ALL
 SELECT 'def', format('%s.%s %s', c.relname, a.attname, coalesce(c.relacl::text, ''))
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE {_USER_NS} AND a.attnum > 0 AND NOT a.attisdropped
@@ -301,15 +304,31 @@ def definitions(dsn: str) -> frozenset[tuple[Any, ...]]:
         return snapshot(dsn) | frozenset(tuple(r) for r in conn.execute(_ALL_DEFINITIONS).fetchall())
 
 
-def test_rolling_back_0012_puts_back_exactly_what_0011_made(fresh_dsn: str) -> None:
-    upto_11 = [m for m in discover() if m.version <= 11]
-    migrate_up(fresh_dsn, upto_11)
-    at_11 = definitions(fresh_dsn)
-    migrate_up(fresh_dsn)
-    assert 12 in applied_versions_of(fresh_dsn)
-    migrate_down(fresh_dsn, to_version=11)
+@pytest.mark.parametrize("version", [12, 13])
+def test_rolling_back_a_migration_puts_back_exactly_what_the_one_before_made(fresh_dsn: str, version: int) -> None:
+    # 0012_commit_path over 0011; 0013_dedup_cache_retention over 0012 (not 0011: its rollback must
+    # leave 0012's commit path in place)
+    migrate_up(fresh_dsn, [m for m in discover() if m.version < version])
+    before = definitions(fresh_dsn)
+    migrate_up(fresh_dsn, [m for m in discover() if m.version <= version])
+    assert max(applied_versions_of(fresh_dsn)) == version
+    migrate_down(fresh_dsn, to_version=version - 1)
     back = definitions(fresh_dsn)
-    assert back == at_11, {"left behind": sorted(back - at_11), "missing": sorted(at_11 - back)}
+    assert back == before, {"left behind": sorted(back - before), "missing": sorted(before - back)}
+
+
+def test_later_migrations_keep_0012s_commit_path(fresh_dsn: str) -> None:
+    # 0012 reads the jobs a commit queued by key (LATERAL ... OFFSET 0); a later migration that
+    # replaced reactor.sequence_commit() with an older body would silently undo that
+    query = "SELECT pg_get_functiondef('reactor.sequence_commit()'::regprocedure)"
+    migrate_up(fresh_dsn, [m for m in discover() if m.version <= 12])
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        at_12 = conn.execute(query).fetchone()
+    assert at_12 is not None and "CROSS JOIN LATERAL" in at_12[0] and "OFFSET 0" in at_12[0]
+    migrate_up(fresh_dsn)
+    assert max(applied_versions_of(fresh_dsn)) == max(m.version for m in discover())
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        assert conn.execute(query).fetchone() == at_12
 
 
 def applied_versions_of(dsn: str) -> set[int]:

@@ -240,25 +240,29 @@ def test_applies_reruns_and_rolls_back_to_the_same_catalog(
     assert catalog(supa_dsn) == after
 
 
-def test_0012_over_the_hardening_is_the_hardening_over_0012_and_rolls_back_to_it(
-    pg_server: EmbeddedPostgres, supabase_roles: None
+@pytest.mark.parametrize("version", [12, 13])
+def test_a_migration_over_the_hardening_is_the_hardening_over_it_and_rolls_back_to_it(
+    pg_server: EmbeddedPostgres, supabase_roles: None, version: int
 ) -> None:
-    # 0012 replaces functions the hardening made SECURITY DEFINER and get_queue_stats(), whose
-    # privileges it set: upgrading a hardened database must end where hardening an upgraded one does
-    upto_11 = [m for m in discover() if m.version <= 11]
+    # 0012 replaces sequence_commit(), 0013 functions the hardening made SECURITY DEFINER and
+    # get_queue_stats(), whose privileges it set: upgrading a hardened database must end where
+    # hardening an upgraded one does, and rolling back must end at the hardened version before
+    before_it = [m for m in discover() if m.version < version]
+    upto_it = [m for m in discover() if m.version <= version]
     with _database(pg_server, SUPABASE_DEFAULT_PRIVILEGES, AUTH_SCHEMA) as upgraded, \
             _database(pg_server, SUPABASE_DEFAULT_PRIVILEGES, AUTH_SCHEMA) as fresh:
-        migrate_up(upgraded, upto_11)
+        migrate_up(upgraded, before_it)
         migrate_optional_up(upgraded, "supabase")
-        hardened_11 = catalog(upgraded) | definitions(upgraded)
-        migrate_up(upgraded)
-        migrate_up(fresh)
+        hardened_before = catalog(upgraded) | definitions(upgraded)
+        migrate_up(upgraded, upto_it)
+        migrate_up(fresh, upto_it)
         migrate_optional_up(fresh, "supabase")
         a, b = catalog(upgraded) | definitions(upgraded), catalog(fresh) | definitions(fresh)
         assert a == b, {"upgraded only": sorted(a - b), "fresh only": sorted(b - a)}
-        migrate_down(upgraded, to_version=11)
+        migrate_down(upgraded, to_version=version - 1)
         back = catalog(upgraded) | definitions(upgraded)
-        assert back == hardened_11, {"left behind": sorted(back - hardened_11), "missing": sorted(hardened_11 - back)}
+        assert back == hardened_before, {"left behind": sorted(back - hardened_before),
+                                         "missing": sorted(hardened_before - back)}
 
 
 def test_general_down_removes_the_hardening_first(hardened: str, capsys: pytest.CaptureFixture[str]) -> None:
