@@ -36,7 +36,10 @@ EC_KEY = ec.generate_private_key(ec.SECP256R1())
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def claims(role: str = "authenticated", sub: str | None = USER, exp_in: float = 600, **extra: Any) -> dict[str, Any]:
+def claims(role: str = "authenticated", sub: str | None = USER, exp_in: float = 86_400,
+           **extra: Any) -> dict[str, Any]:
+    """Claims that expire in a day by default: parametrized cases are built when the suite is collected,
+    and the unit tests may run more than 10 minutes later."""
     body: dict[str, Any] = {"role": role, "exp": int(time.time() + exp_in), **extra}
     if sub is not None:
         body["sub"] = sub
