@@ -170,6 +170,17 @@ async def test_sigstopped_reactor_is_a_zombie_that_cannot_overwrite(
             await until(lambda: len(held_by(conn, "r1")) == 3 and len(held_by(conn, "r2")) == 3,
                         "three renders at each reactor", diag=cluster.diag)
             hit = held_by(conn, "r1")
+
+            async def zombie_sent() -> bool:
+                # claimed is not yet sent: on a loaded machine r1 can be stopped between its claim's
+                # commit and its render calls, and then only r2 renders
+                reqs = await cluster.double.requests()
+                return all(any(r["job_id"] == j for r in reqs) for j in hit)
+
+            sent_by = time.monotonic() + 60
+            while not await zombie_sent():
+                assert time.monotonic() < sent_by, cluster.diag()
+                await anyio.sleep(0.05)
             zombie.send(signal.SIGSTOP)
             stopped_at = time.monotonic()
 
