@@ -73,12 +73,14 @@ async def test_sixty_second_outage_fails_nothing_and_spends_no_retry(dsn: str, d
             await orch.stop()  # the render farm goes away: connection refused
             await until(lambda: service.dispatcher.circuit.state == OPEN)
             down_since = time.monotonic()
+            submitted_before = len(ids)
             assert service.dispatcher.circuit.claim_budget() == 0
             # published for `reactor status` and the feed
             await wait_for(dsn, "SELECT circuit_state FROM reactor.reactors WHERE id = %s", (service.reactor_id,),
                            expect=lambda s: s == "open")
             await anyio.sleep(60)
             outage_probes = list(probes)
+            submitted_during = len(ids) - submitted_before
             await orch.start(port=port)
             back_at = time.monotonic()
             await until(lambda: service.dispatcher.circuit.state == CLOSED, timeout=15)
@@ -92,7 +94,8 @@ async def test_sixty_second_outage_fails_nothing_and_spends_no_retry(dsn: str, d
             drained_after = time.monotonic() - back_at
     finally:
         await orch.stop()
-    assert len(ids) >= 300  # the stream kept coming during the outage
+    # the stream kept coming during the outage (5 a second for 60 s; a third of that on a loaded machine)
+    assert submitted_during >= 100, submitted_during
     summary = db.execute(
         "SELECT count(*) FILTER (WHERE status = 'failed'), coalesce(sum(retry_count), 0), count(*) FROM jobs"
     ).fetchone()

@@ -347,9 +347,11 @@ async def test_cancelling_a_processing_job_aborts_its_render(dsn: str, db: psyco
 
 async def test_outcome_of_a_rescued_attempt_is_discarded(dsn: str, db: psycopg.Connection[Any]) -> None:
     """A reactor whose job was taken over cannot overwrite the newer attempt."""
-    async with OrchestratorDouble(latency_ms=800) as orch, running_reactor(dsn, orch.url, reactor_id="old") as svc:
+    async with OrchestratorDouble(latency_ms=3000) as orch, running_reactor(dsn, orch.url, reactor_id="old") as svc:
         job_id = insert(db, "doubt")
         await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (job_id,), expect=lambda s: s == "processing")
+        # the claim's commit is seen before the reactor has the job in flight: wait for its render call
+        await wait_for(dsn, "SELECT 1", expect=lambda _: bool(svc.dispatcher.inflight), timeout=10)
         # someone else took it over meanwhile (as the sweep would after a lease expiry)
         db.execute("UPDATE reactor.jobs SET locked_by = 'new', attempt = attempt + 1 WHERE id = %s", (job_id,))
         await wait_for(dsn, "SELECT 1", expect=lambda _: not svc.dispatcher.inflight, timeout=10)
