@@ -214,6 +214,10 @@ BEGIN
     IF ttl IS NULL THEN
         RETURN;  -- no cache for its type (or the job is no longer ours: its outcome will not be written)
     END IF;
+    -- the journal lock first, as the outcomes that settle a key take it (finish_settle_and_claim: the
+    -- journal, then the key): parking the job below is journalled at commit, and holding the key while
+    -- that commit waits for an outcome that waits for the key would deadlock
+    PERFORM pg_advisory_xact_lock(7240513004);
     PERFORM pg_advisory_xact_lock(7240514, hashtext(p_key));
     SELECT c.* INTO entry FROM reactor.render_cache c WHERE c.key = p_key;
     IF FOUND AND entry.status = 'completed' AND entry.completed_at > now() - ttl

@@ -4,6 +4,8 @@ complete with the same video and result.cached_from; payload.cache = false rende
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -102,3 +104,53 @@ def test_the_claim_keys_each_job_and_says_what_the_cache_holds(db: Conn) -> None
     with db.cursor(row_factory=dict_row) as cur:
         [hit] = cur.execute(claim, (10,)).fetchall()
     assert (hit["cache_key"], hit["cache_state"]) == (renders["cache_key"], "hit")
+
+
+def test_asking_the_cache_and_settling_it_take_the_locks_in_one_order(dsn: str, db: Conn) -> None:
+    """render_cache_take (a waiter parks itself: a journalled write) and the outcomes settling the same
+    key (finish_settle_and_claim: the journal, then the key) take the journal lock and the key's lock
+    in the same order: the first no longer holds the key while its commit waits for the journal that
+    the second holds while it waits for the key (a deadlock that aborted an INSERT in fleet_bench)."""
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 100, max_manim_renders = 100")
+    db.execute("INSERT INTO jobs (job_type, payload) VALUES ('topic_short', '{\"topic\": \"Osmosis\"}'), "
+               "('topic_short', '{\"topic\": \"Osmosis\"}')")
+    claim = ("SELECT id, cache_key, cache_state FROM reactor.finish_settle_and_claim(%s::jsonb, 'r1', %s, "
+             "interval '60 s', now(), '{\"style\": \"default\", \"length\": \"short\", \"voice\": \"default\"}') "
+             "ORDER BY created_at")
+    first, second = db.execute(claim, ("[]", 10)).fetchall()
+    assert (first[2], second[2]) == ("render", "wait") and first[1] == second[1]
+    key = first[1]
+    errors: list[BaseException] = []
+    with psycopg.connect(dsn) as asker:
+        # the second job asks the cache itself (as the reactor does when the claim's tried lock was
+        # taken): the first still renders, so it parks, in a transaction not yet committed
+        [(decision,)] = asker.execute(
+            "SELECT decision FROM reactor.render_cache_take(%s, 1, 'r1', %s, '{}', interval '2 minutes')",
+            (second[0], key)).fetchall()
+        assert decision == "wait"
+        pid = asker.info.backend_pid
+
+        def settle() -> None:
+            done = [{"id": str(first[0]), "attempt": 1, "status": "completed", "retry_count": 0, "delay_s": 0,
+                     "error_category": None, "error_message": None, "error_details": None, "cache_key": key,
+                     "result": {"video_url": "https://cdn.example/v.mp4"}}]
+            try:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(claim, (json.dumps(done), 0)).fetchall()
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=settle)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not db.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                             "AND pid <> %s", (pid,)).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline and t.is_alive(), errors
+            time.sleep(0.02)
+        asker.commit()
+        t.join(30)
+    assert not t.is_alive() and errors == []
+    got = {r["id"]: r for r in jobs(db)}
+    assert got[first[0]]["status"] == "completed"
+    assert got[second[0]]["status"] == "completed"
+    assert got[second[0]]["result"]["cached_from"] == str(first[0])
