@@ -106,13 +106,16 @@ class Service:
         self.metrics.watch(listener_connected=lambda: self.listener.connected,
                            listener_reconnects=lambda: self.listener.reconnects,
                            circuit=lambda: (self.dispatcher.circuit.state,
-                                            len(self.dispatcher.circuit.transitions)))
+                                            len(self.dispatcher.circuit.transitions)),
+                           claims=lambda: (self.dispatcher.stats.claims, self.dispatcher.stats.claims_empty,
+                                           self.dispatcher.stats.claim_wakeups))
         # a part that fails is restarted (and counted); one that fails too often stops the reactor
         self.parts = PartSupervisor(settings.restart, on_give_up=self._give_up,
                                     on_restart=self.metrics.part_restarted)
         self.feed: Feed | None = None
         if settings.feed is not None:
             self.feed = self._new_feed(settings.feed)
+            self.metrics.watch(feed_seq=lambda: self.feed.last_seq if self.feed is not None else 0)
         self.alerts: Alerts | None = None
         if settings.alerts.enabled:
             self.alerts = Alerts(settings.alerts, AlertStore(self.db.pool), settings.reactor_id,

@@ -68,6 +68,11 @@ class DispatchStats:
     cache_hits: int = 0  # completed from the render cache, no render call
     parked: int = 0  # waiting for an identical render of another job
     by_category: dict[str, int] = field(default_factory=dict)
+    #: round trips that asked for jobs, and those of them that came back with none
+    claims: int = 0
+    claims_empty: int = 0
+    #: notifications from others that asked for a claim
+    claim_wakeups: int = 0
 
 
 class Dispatcher:
@@ -173,6 +178,7 @@ class Dispatcher:
             self._due_dirty = True
             self.wake()  # it may be sooner than the due time we sleep until
         if react.claim:
+            self.stats.claim_wakeups += 1
             self._want_claim()
 
     # -- main loop --------------------------------------------------------------------------------
@@ -224,6 +230,9 @@ class Dispatcher:
             self._exchanging = False
             if jobs:
                 self._refusals = 0
+            if room > 0:
+                self.stats.claims += 1
+                self.stats.claims_empty += not jobs
             self._recorded(batch, written)
             for job in jobs:
                 self._start(job)

@@ -119,11 +119,15 @@ class Metrics:
         circuit: Callable[[], tuple[str, int]] | None = None,
         alerts_firing: Callable[[], Iterable[str]] | None = None,
         alert_names: Iterable[str] = (),
+        claims: Callable[[], tuple[int, int, int]] | None = None,
+        feed_seq: Callable[[], int] | None = None,
     ) -> None:
         """Figures read from the process at scrape time.
 
         ``circuit`` gives this reactor's circuit state and how many transitions it made;
-        ``alerts_firing`` the alerts firing as of this reactor's last evaluation.
+        ``alerts_firing`` the alerts firing as of this reactor's last evaluation; ``claims`` this
+        reactor's claims, those that found nothing, and the notifications that asked it to claim;
+        ``feed_seq`` the last event seq its feed has read.
         """
         if listener_connected is not None:
             self._live.listener_connected = listener_connected
@@ -134,6 +138,10 @@ class Metrics:
         if alerts_firing is not None:
             self._live.alerts_firing = alerts_firing
             self._live.alert_names = tuple(alert_names)
+        if claims is not None:
+            self._live.claims = claims
+        if feed_seq is not None:
+            self._live.feed_seq = feed_seq
 
     def update_database(self, row: Mapping[str, Any] | None) -> None:
         """The database figures of this scrape (``feed_metrics`` of sql/feed.sql), None if unreadable."""
@@ -151,6 +159,8 @@ class _LiveCollector:
         self.circuit: Callable[[], tuple[str, int]] | None = None
         self.alerts_firing: Callable[[], Iterable[str]] | None = None
         self.alert_names: tuple[str, ...] = ()
+        self.claims: Callable[[], tuple[int, int, int]] | None = None
+        self.feed_seq: Callable[[], int] | None = None
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("reactor_database_up", "1 if the last scrape could read the database.")
@@ -214,6 +224,21 @@ class _LiveCollector:
             for name in sorted(set(self.alert_names) | firing):
                 alerts.add_metric([name], 1.0 if name in firing else 0.0)
             yield alerts
+        if self.claims is not None:
+            claims, empty, wakeups = self.claims()
+            claimed = CounterMetricFamily(
+                "reactor_claims", "Claims this reactor made, by whether they found jobs.", labels=["result"])
+            claimed.add_metric(["jobs"], float(claims - empty))
+            claimed.add_metric(["empty"], float(empty))
+            yield claimed
+            woken = CounterMetricFamily(
+                "reactor_claim_wakeups", "Notifications from others that asked this reactor to claim.")
+            woken.add_metric([], float(wakeups))
+            yield woken
+        if self.feed_seq is not None:
+            seq = GaugeMetricFamily("reactor_feed_seq", "The last event seq this reactor's feed has read.")
+            seq.add_metric([], float(self.feed_seq()))
+            yield seq
 
 
 def _schedule_metrics(rows: object) -> Iterable[Metric]:
