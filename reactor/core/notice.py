@@ -5,7 +5,9 @@ channels, so :func:`parse_notice` never raises: text that is not a JSON object, 
 4 deep, is ignored (at most one warning a minute), and a field of the wrong type reads as absent.
 The payloads the reactor itself sends (README, "Events, sequence numbers and NOTIFY"): for one job
 change ``{seq, n: 1, kind, id, status, old_status, priority, job_type, renderer, user_id, actor}``,
-for several ``{seq, n, q, f, c, actor}``, and ``{truncated: true}`` after a TRUNCATE.
+for several ``{seq, n, q, f, c, actor}``, and ``{truncated: true}`` after a TRUNCATE. A reactor's
+outcomes carry ``claiming: true`` when the same transaction claims after them, and its claim
+``more: true`` when it took all it asked for while the limits leave room (migration 0013).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Notice:
     cancelled: int = 0
     actor: str | None = None
     truncated: bool = False
+    #: a reactor's outcomes, and the same transaction claims after them (it takes the room they free)
+    claiming: bool = False
+    #: a reactor's claim took all it asked for while the limits leave room: others may claim too
+    more: bool = False
 
 
 def _count(value: object) -> int:
@@ -90,6 +96,7 @@ def parse_notice(channel: str, text: str) -> Notice:
         status=_text(value.get("status")), old_status=_text(value.get("old_status")),
         queued=_count(value.get("q")), finished=_count(value.get("f")), cancelled=_count(value.get("c")),
         actor=_text(value.get("actor")), truncated=value.get("truncated") is True,
+        claiming=value.get("claiming") is True, more=value.get("more") is True,
     )
 
 

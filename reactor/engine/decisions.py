@@ -88,18 +88,21 @@ def notice_reaction(notice: Notice, actor: str, inflight: Collection[UUID]) -> R
         return Reaction(claim=True)
     if notice.actor == actor:
         return Reaction()  # our own claim or outcome: already accounted for
+    # another reactor's outcomes followed by its own claim ("claiming"): the room they freed and the
+    # jobs they put back are that claim's to take, and its NOTIFY says "more" if it left some
     if notice.n == 1:
         return Reaction(
             # a job we render was changed by someone else (cancelled, rescued): check which attempt
             # holds it now, and abort ours if it is no longer ours
             check_lost=notice.job_id in inflight and notice.old_status == "processing",
             due_dirty=notice.kind == "retrying",
-            claim=notice.status == "queued" or notice.old_status == "processing",
+            claim=notice.more or (not notice.claiming
+                                  and (notice.status == "queued" or notice.old_status == "processing")),
         )
     return Reaction(
         check_lost=notice.cancelled > 0 and len(inflight) > 0,
         due_dirty=notice.queued > 0,
-        claim=notice.queued > 0 or notice.finished > 0,
+        claim=notice.more or (not notice.claiming and (notice.queued > 0 or notice.finished > 0)),
     )
 
 

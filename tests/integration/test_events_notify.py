@@ -302,7 +302,8 @@ def test_the_reactors_own_writes_journal_as_they_go(db: Conn, listener: Conn) ->
     [a, b] = _finish_and_claim(db, [], 2)
     assert [(r["written"], r["id"], r["attempt"]) for r in (a, b)] == [(False, first, 1), (False, second, 1)]
     [msg] = receive(listener, 1)
-    assert msg == {"seq": seq + 4, "n": 2, "q": 0, "f": 0, "c": 0, "actor": "reactor:r-direct"}
+    # it took both it asked for, and the limit (10) leaves room for another claim ("more", 0013)
+    assert msg == {"seq": seq + 4, "n": 2, "q": 0, "f": 0, "c": 0, "actor": "reactor:r-direct", "more": True}
     assert counters(db) == one(db, COUNTS)
 
     # one call: the first job fails and goes back (a retry due now), the second completes; the
@@ -317,7 +318,9 @@ def test_the_reactors_own_writes_journal_as_they_go(db: Conn, listener: Conn) ->
     assert sorted((r["written"], str(r["id"])) for r in got) == sorted(
         [(True, str(first)), (True, str(second)), (False, str(first))])
     finished, claimed = receive(listener, 2)
-    assert finished == {"seq": seq + 6, "n": 2, "q": 1, "f": 2, "c": 0, "actor": "reactor:r-direct"}
+    # the outcomes say the same transaction claims after them ("claiming", 0013)
+    assert finished == {"seq": seq + 6, "n": 2, "q": 1, "f": 2, "c": 0, "actor": "reactor:r-direct",
+                        "claiming": True}
     expected = {"seq": seq + 7, "n": 1, "kind": "started", "id": str(first), "status": "processing",
                 "old_status": "queued", "priority": "high", "job_type": "doubt", "actor": "reactor:r-direct"}
     assert subset(claimed, expected) == expected
@@ -352,4 +355,40 @@ def test_a_session_cannot_switch_the_journal_off_for_its_own_updates(db: Conn, l
         db.execute("UPDATE jobs SET status = 'cancelled' WHERE id = %s", (jid,))
     assert [m["kind"] for m in receive(listener, 2)] == ["reprioritized", "cancelled"]
     assert last_seq(db) == seq + 3
+    assert counters(db) == one(db, COUNTS)
+
+
+def test_a_claim_says_more_only_when_it_filled_its_max_with_room_left(db: Conn, listener: Conn) -> None:
+    """0013: several reactors wake each other only when there is work for them. A claim that took
+    p_max while the limits leave room says "more"; one stopped by the limits or the queue's end does
+    not; outcomes followed by a claim in the same transaction say "claiming"."""
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 3")
+    receive(listener, 1, channel="reactor_config")
+    db.execute("INSERT INTO jobs (job_type, payload) SELECT 'topic_short', '{\"topic\": \"t\"}' "
+               "FROM generate_series(1, 5)")
+    receive(listener, 1)
+
+    def claim(reactor: str, batch: list[dict[str, Any]], max_jobs: int) -> list[dict[str, Any]]:
+        return rows(db, "SELECT * FROM reactor.finish_and_claim(%s::jsonb, %s, %s, interval '30 seconds')",
+                    (json.dumps(batch), reactor, max_jobs))
+
+    taken = claim("r-x", [], 2)  # 2 of the 3 the limit allows: another reactor may take the third
+    assert len(taken) == 2
+    [msg] = receive(listener, 1)
+    assert msg.get("more") is True and "claiming" not in msg
+    assert len(claim("r-y", [], 5)) == 1  # stopped by the limit: nobody else can take more
+    [msg] = receive(listener, 1)
+    assert "more" not in msg
+    done = {"id": str(taken[0]["id"]), "attempt": 1, "status": "completed", "retry_count": 0, "delay_s": 0,
+            "error_category": None, "error_message": None, "error_details": None, "result": {"video_url": "u"}}
+    got = claim("r-x", [done], 1)  # the room it frees, it takes itself
+    assert sorted(r["written"] for r in got) == [False, True]
+    finished, started = receive(listener, 2)
+    assert finished.get("claiming") is True and finished["status"] == "completed"
+    assert started["kind"] == "started" and "more" not in started  # the fleet is full again
+    # outcomes written without a claim (a draining reactor): the others must take the room
+    done = {**done, "id": str(got[[r["written"] for r in got].index(False)]["id"])}
+    assert [r["written"] for r in claim("r-x", [done], 0)] == [True]
+    [finished] = receive(listener, 1)
+    assert "claiming" not in finished
     assert counters(db) == one(db, COUNTS)

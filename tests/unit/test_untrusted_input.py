@@ -99,6 +99,18 @@ def test_notice_of_one_event() -> None:
     ({"seq": 9, "n": 2, "q": 0, "f": 0, "c": 2, "actor": "cli:ops"}, Reaction()),
     ({"seq": 9, "n": 1, "kind": "inserted", "status": "queued", "actor": ACTOR}, Reaction()),  # our own
     ({"truncated": True}, Reaction(claim=True)),
+    # another reactor's outcomes, claimed after in the same transaction ("claiming", 0013): the room
+    # and the retries are its claim's; a job of ours among them is still checked
+    ({"seq": 9, "n": 2, "q": 1, "f": 2, "c": 0, "actor": "reactor:x", "claiming": True}, Reaction(due_dirty=True)),
+    ({"seq": 9, "n": 1, "kind": "completed", "status": "completed", "old_status": "processing",
+      "actor": "reactor:x", "claiming": True}, Reaction()),
+    ({"seq": 9, "n": 1, "kind": "retrying", "status": "queued", "old_status": "processing",
+      "actor": "reactor:x", "claiming": True}, Reaction(due_dirty=True)),
+    # its claim took all it asked for with room left ("more"): the others claim too
+    ({"seq": 9, "n": 3, "q": 0, "f": 0, "c": 0, "actor": "reactor:x", "more": True}, Reaction(claim=True)),
+    ({"seq": 9, "n": 1, "kind": "started", "status": "processing", "old_status": "queued", "actor": "reactor:x",
+      "more": True}, Reaction(claim=True)),
+    ({"seq": 9, "n": 3, "q": 0, "f": 0, "c": 0, "actor": "reactor:x", "more": "yes"}, Reaction()),  # not a bool
 ])
 def test_reaction_to_events(payload: dict[str, Any], reaction: Reaction) -> None:
     assert notice_reaction(parse_notice("reactor_events", json.dumps(payload)), ACTOR, set()) == reaction
