@@ -25,6 +25,21 @@ SELECT e.seq, e.job_id, e.kind, e.status, e.old_status, e.priority, e.job_type, 
  ORDER BY e.seq
  LIMIT %(limit)s
 
+-- name: feed_follow
+-- with no client to send events to: how far the log goes now (upto: at most span seqs past after),
+-- and of the events up to there only those this reactor's metrics count (reactor/web/metrics.py): the
+-- starts and ends written by its actors, with the job's creation and start times as feed_events
+-- joins them. One statement, one snapshot, and seq is given in commit order: every event up to upto
+-- is committed. One row with a NULL seq when none of them is this reactor's.
+SELECT u.upto, e.seq, e.kind, e.actor, e.at, e.retry_count, e.error_category, j.created_at, j.started_at
+  FROM (SELECT least(c.last_seq, %(after)s::bigint + %(span)s::bigint) AS upto FROM reactor.counters c) u
+  LEFT JOIN reactor.events e
+         ON e.seq > %(after)s::bigint AND e.seq <= u.upto
+        AND e.actor = ANY(%(actors)s::text[])
+        AND e.kind IN ('started', 'completed', 'failed', 'retrying')
+  LEFT JOIN reactor.jobs j ON j.id = e.job_id
+ ORDER BY e.seq
+
 -- name: feed_stats
 SELECT * FROM public.get_queue_stats()
 

@@ -9,6 +9,13 @@ one write, serialised once for all; one that falls behind is served by its own t
 (reactor/web/session.py) with ordinary backpressured sends, and is closed with 1013 "too slow" once
 the ring no longer holds the next event it needs. Stats (admins), queue positions (users) and
 heartbeats are coalesced and go out the same way.
+
+With no client connected there is nobody to write to, and the pump does not read or serialise the
+events: each round (at most every ``idle_interval_s``) reads how far the log goes and, of the events
+up to there, only those this reactor's metrics count (its own starts and ends: ``feed_follow``), and
+moves the ring's end there with nothing held. A client that connects then reads the events it needs
+from the database, as any client resuming from further back than the ring holds; the first client
+ends the pause, and from the next round on the pump reads and sends every event again.
 """
 
 from __future__ import annotations
@@ -34,13 +41,15 @@ from reactor.web.protocol import TRY_LATER
 from reactor.web.settings import FeedSettings
 from reactor.web.wire import Entry
 
-__all__ = ["READ_CHUNK", "FanOut", "Ring"]
+__all__ = ["READ_CHUNK", "FanOut", "Ring", "track_queue"]
 
 logger = logging.getLogger(__name__)
 
 NO_LIMIT = 2**62
 #: events read from the database at once
 READ_CHUNK = 1000
+#: with no client, seqs followed in one read at most
+FOLLOW_SPAN = 10_000
 
 
 class Ring:
@@ -68,6 +77,19 @@ class Ring:
             return self._slots[seq % self.capacity]
         return None
 
+    def skip_to(self, seq: int) -> None:
+        """The log was followed up to ``seq`` without keeping its events: hold none (the slots are
+        left as they are; nothing outside ``(base, last]`` is read)."""
+        assert seq >= self.last
+        self.base = self.last = seq
+
+
+def track_queue(c: Client, row: Mapping[str, Any]) -> None:
+    """A user's event that moves the queue (:func:`wire.moves_queue`): which of its jobs are queued."""
+    if row["status"] == "queued":
+        c.queued.setdefault(row["job_id"], None)
+    else:
+        c.queued.pop(row["job_id"], None)
 
 
 class FanOut:
@@ -83,6 +105,7 @@ class FanOut:
         #: called when the log cannot be followed and every client resyncs (cached snapshots are stale)
         self.on_reset: Callable[[], None] = lambda: None
         self._pump_wake = anyio.Event()
+        self._client_came = anyio.Event()  # ends the pump's idle pause
         self._stats_wake = anyio.Event()
         self._positions_wake = anyio.Event()
         self._check_reset = False
@@ -110,6 +133,9 @@ class FanOut:
 
     def wake_stats(self) -> None:
         self._stats_wake.set()
+
+    def wake_positions(self) -> None:
+        self._positions_wake.set()
 
     def recheck(self) -> None:
         """The listener (re)connected: read whatever was committed meanwhile, and check the log did
@@ -140,6 +166,7 @@ class FanOut:
             self.users.setdefault(c.user_id, set()).add(c)
         self._count_clients()
         c.poke()
+        self._client_came.set()
 
     def unregister(self, c: Client) -> None:
         if c in self.clients:
@@ -186,8 +213,16 @@ class FanOut:
             self._pump_wake = anyio.Event()
             delay = self._next_round - time.monotonic()
             if delay > 0:
-                await anyio.sleep(delay)
+                if self.clients:
+                    await anyio.sleep(delay)
+                else:
+                    self._client_came = anyio.Event()
+                    with anyio.move_on_after(delay):
+                        await self._client_came.wait()
             started = time.monotonic()
+            serving = bool(self.clients)
+            rows: list[dict[str, Any]] = []
+            more = False
             try:
                 if self._check_reset:
                     self._check_reset = False
@@ -196,9 +231,13 @@ class FanOut:
                     reason, self._reset_reason = self._reset_reason, None
                     [b] = await self.store.rows("feed_bounds")
                     self._reset(int(b["last_seq"]), reason)
-                rows = await self.store.rows("feed_events", {
-                    "after": self.ring.last, "upto": NO_LIMIT, "limit": READ_CHUNK, "user_id": None,
-                })
+                if serving:
+                    rows = await self.store.rows("feed_events", {
+                        "after": self.ring.last, "upto": NO_LIMIT, "limit": READ_CHUNK, "user_id": None,
+                    })
+                    more = len(rows) == READ_CHUNK
+                else:
+                    more = await self._follow()
             except DatabaseError as exc:
                 delay = retry.delay()
                 logger.warning("feed cannot read events (retry in %.1f s): %s", delay, exc)
@@ -206,7 +245,9 @@ class FanOut:
                 self._pump_wake.set()
                 continue
             retry.reset()
-            if rows:
+            if not serving:
+                self._next_round = started + self.settings.idle_interval_s
+            elif rows:
                 if rows[0]["seq"] != self.ring.last + 1:
                     self._reset(int(rows[0]["seq"]) - 1, "events are missing")
                 entries = self._ingest(rows)
@@ -218,8 +259,33 @@ class FanOut:
                 spent = time.thread_time() - cpu
                 s = self.settings
                 self._next_round = started + max(s.flush_interval_s, spent / s.fanout_share)
-            if len(rows) == READ_CHUNK:
+            if more:
                 self._pump_wake.set()
+
+    async def _follow(self) -> bool:
+        """A round with no client: move the ring's end to the log's (``feed_follow``), counting this
+        reactor's own events in its metrics, and serialising nothing. True if the log goes further."""
+        after = self.ring.last
+        rows = await self.store.rows("feed_follow", {
+            "after": after, "span": FOLLOW_SPAN, "actors": list(self.metrics.actors),
+        })
+        upto = int(rows[0]["upto"])
+        if upto < after:
+            self._reset(upto, "the event log restarted")
+            return False
+        for row in rows:
+            if row["seq"] is not None:
+                self.metrics.observe_event(row)
+        if upto > after:
+            self.ring.skip_to(upto)
+            self.delivered = upto
+            # a client that connected during this read reads what was skipped from the database, as
+            # one resuming from further back than the ring holds
+            for c in list(self.clients):
+                if c.cursor < upto:
+                    c.catchup_until = max(c.catchup_until, upto)
+                    self.lag(c)
+        return upto == after + FOLLOW_SPAN
 
     async def _check_database(self) -> None:
         [b] = await self.store.rows("feed_bounds")
@@ -251,10 +317,7 @@ class FanOut:
                 uid = entry.user_id
                 if uid is not None and uid in self.users:
                     for c in self.users[uid]:
-                        if row["status"] == "queued":
-                            c.queued.setdefault(row["job_id"], None)
-                        else:
-                            c.queued.pop(row["job_id"], None)
+                        track_queue(c, row)
         self._stats_wake.set()
         if queue_moved:
             self._positions_wake.set()

@@ -85,6 +85,11 @@ class Metrics:
         self._live = _LiveCollector()
         r.register(self._live)
 
+    @property
+    def actors(self) -> tuple[str, ...]:
+        """The ``actor`` of the events this reactor's figures count: its dispatcher's and its sweep's."""
+        return tuple(sorted(self._actors))
+
     # -- what the reactor tells us -----------------------------------------------------------------
 
     def observe_event(self, ev: Mapping[str, Any]) -> None:

@@ -35,7 +35,7 @@ from reactor.db.feed import FeedStore
 from reactor.web import wire
 from reactor.web.auth import Authenticator, AuthError, Principal
 from reactor.web.client import Client
-from reactor.web.fanout import READ_CHUNK, FanOut
+from reactor.web.fanout import READ_CHUNK, FanOut, track_queue
 from reactor.web.gate import Connection, Gate, TokenBucket
 from reactor.web.http import http_response
 from reactor.web.metrics import Metrics
@@ -384,12 +384,21 @@ class Sessions:
             "after": c.cursor, "upto": upto, "limit": READ_CHUNK,
             "user_id": None if c.admin else c.user_id,
         })
+        user = c.user_id is not None and not c.admin
+        moved = False
         for row in rows:
             entry = wire.entry(row)
             payload = c.payload(entry)
             c.cursor = entry.seq
+            if user and wire.moves_queue(row):
+                # its queued jobs, as the pump tracks them from the events it reads: these it did not
+                # read for this client (before it connected, or while nobody was connected)
+                track_queue(c, row)
+                moved = True
             if payload is not None:
                 await c.ws.send(payload, text=True)
+        if moved:
+            self.fanout.wake_positions()
         if len(rows) < READ_CHUNK:
             c.cursor = max(c.cursor, upto)
 

@@ -183,11 +183,11 @@ async def test_a_failed_feed_is_restarted_on_the_same_port(dsn: str, db: Conn) -
         old = svc.feed
         assert old is not None and old.port is not None
         port = old.port
-        # the feed's pump raises on its next read of the events
+        # the feed's pump raises on its next read of the events (with no client: of the log's end)
         rows = old.store.rows
 
         async def events_fail(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-            if name == "feed_events":
+            if name in ("feed_events", "feed_follow"):
                 raise RuntimeError("injected: the pump broke")
             return await rows(name, *args, **kwargs)
 
