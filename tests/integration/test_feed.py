@@ -7,7 +7,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -26,9 +26,11 @@ from reactor.db.embedded import EmbeddedPostgres
 from reactor.db.migrations import migrate_up
 from reactor.service import Service, ServiceSettings
 from reactor.testing.orchestrator import OrchestratorDouble
+from reactor.web import wire
 from reactor.web.auth import AuthSettings
 from reactor.web.feed import FeedSettings
-from tests.support.reactors import FAST_DISPATCH, running_service, wait_for
+from tests.support.processes import PATIENCE_S
+from tests.support.reactors import FAST_DISPATCH, running_reactor, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -512,3 +514,162 @@ async def test_readyz_follows_the_database() -> None:
                 assert events(await recv_until(ws, lambda m: m["type"] == "event"))
     finally:
         server.destroy()
+
+
+# -- a feed nobody is connected to (issue 19: three reactors' feeds must not each read the fleet's events)
+
+
+async def scrape(svc: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx.AsyncClient(base_url=http_base(svc), timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def feed_at(svc: Service, seq: int) -> bool:
+    """Whether /metrics says the feed has read the log up to ``seq``."""
+    return (await scrape(svc)).get(("reactor_feed_seq", ())) == seq
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = PATIENCE_S) -> None:
+    """Poll an async ``check`` until it holds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.05)
+
+
+def watch_reads(svc: Service) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every read of the feed's pool from now on: (query name, rows)."""
+    assert svc.feed is not None
+    store = svc.feed.store
+    reads: list[tuple[str, list[dict[str, Any]]]] = []
+    rows = store.rows
+
+    async def recorded(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        got = await rows(name, *args, **kwargs)
+        reads.append((name, got))
+        return got
+
+    store.rows = recorded  # type: ignore[method-assign]
+    return reads
+
+
+async def test_a_feed_without_clients_reads_only_its_own_figures_yet_a_late_client_misses_nothing(
+        dsn: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    serialised: list[int] = []
+    entry = wire.entry
+
+    def counted(row: Any) -> wire.Entry:
+        serialised.append(row["seq"])
+        return entry(row)
+
+    monkeypatch.setattr(wire, "entry", counted)
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 4")
+    async with OrchestratorDouble(latency_ms=2, jitter_ms=8) as orch, \
+            feed_reactor(dsn, orch.url, reactor_id="watched") as svc, \
+            running_reactor(dsn, orch.url, reactor_id="other"):
+        assert svc.feed is not None and svc.feed.clients == 0
+        mine = set(svc.metrics.actors)
+        reads = watch_reads(svc)
+        start = last_seq(db)
+        jobs = [insert(db, user=USER_A if i % 3 == 0 else None,
+                       topic="[[status=404]] gone" if i % 10 == 0 else f"t{i}") for i in range(40)]
+        for j in jobs:
+            await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (j,),
+                           expect=lambda s: s in ("completed", "failed"))
+        last = last_seq(db)
+        # the feed's seq reaches the log's end with nobody connected...
+        await eventually(lambda: feed_at(svc, last), f"the feed at seq {last}")
+        assert svc.feed.last_seq == last
+
+        # ...reading no event rows and serialising none: only how far the log goes, and this reactor's
+        # own starts and ends (what its metrics count)
+        names = {name for name, _ in reads}
+        assert "feed_events" not in names and "feed_follow" in names, names
+        assert serialised == []
+        followed = [r for name, rows in reads if name == "feed_follow" for r in rows if r["seq"] is not None]
+        own = db.execute(
+            "SELECT seq, kind FROM reactor.events WHERE seq > %s AND seq <= %s AND actor = ANY(%s) "
+            "AND kind IN ('started', 'completed', 'failed', 'retrying') ORDER BY seq",
+            (start, last, list(mine))).fetchall()
+        assert [(r["seq"], r["kind"]) for r in followed] == [tuple(r) for r in own]
+
+        # its figures are exact all the same: every start and end of its own, none of the other's
+        samples = await scrape(svc)
+        counts = dict(db.execute(
+            "SELECT kind || ':' || coalesce(error_category, 'none'), count(*) FROM reactor.events "
+            "WHERE actor = ANY(%s) AND kind IN ('completed', 'failed') GROUP BY 1", (list(mine),)).fetchall())
+        assert samples.get(("reactor_jobs_finished_total", (("error_category", "none"), ("outcome", "completed"))),
+                           0) == counts.get("completed:none", 0)
+        assert samples.get(("reactor_jobs_finished_total", (("error_category", "NOT_FOUND"), ("outcome", "failed"))),
+                           0) == counts.get("failed:NOT_FOUND", 0)
+        [[started]] = db.execute("SELECT count(*) FROM reactor.events WHERE actor = ANY(%s) AND kind = 'started' "
+                                 "AND retry_count = 0", (list(mine),)).fetchall()
+        assert samples[("reactor_job_wait_seconds_count", ())] == started
+
+        # a client connecting now with the seq it had before gets every event since, from the log, in
+        # order (the other reactor's too), then live ones
+        everything = [int(r[0]) for r in db.execute(
+            "SELECT seq FROM reactor.events WHERE seq > %s ORDER BY seq", (start,))]
+        assert everything == list(range(start + 1, last + 1))
+        async with connect(url(svc, f"?since={start}"), additional_headers=bearer(token())) as ws, \
+                connect(url(svc)) as user:
+            await user.send(json.dumps({"type": "auth", "token": token("authenticated", USER_A), "since": start}))
+            assert await recv(ws) == {"type": "resumed", "since": start}
+            assert await recv(user) == {"type": "resumed", "since": start}
+            got = await recv_until(ws, is_event(last))
+            assert [e["seq"] for e in events(got)] == everything
+            live = insert(db, user=USER_A, topic="[[latency=100]] live")
+            more = await recv_until(ws, lambda m: m["type"] == "event" and m["job"]["id"] == live
+                                    and m["job"]["status"] == "completed")
+            got_user = await recv_until(user, lambda m: m["type"] == "event" and m["job"]["id"] == live
+                                        and m["job"]["status"] == "completed")
+        seqs = [e["seq"] for e in events(got + more)]
+        assert seqs == list(range(start + 1, seqs[-1] + 1))  # nothing missed, nothing twice
+        a_seqs = [int(r[0]) for r in db.execute(
+            "SELECT seq FROM reactor.events WHERE seq > %s AND seq <= %s AND user_id = %s ORDER BY seq",
+            (start, seqs[-1], USER_A))]
+        assert [e["seq"] for e in events(got_user)] == a_seqs
+        assert {e["job"]["user_id"] for e in events(got_user)} == {USER_A}
+        assert "feed_events" in {name for name, _ in reads}  # with clients, the pump reads events again
+        await eventually(lambda: feed_at(svc, last_seq(db)), "the feed at the log's end")
+
+
+async def test_a_client_connecting_while_the_idle_feed_reads_misses_nothing(
+        dsn: str, db: psycopg.Connection[Any]) -> None:
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 0")  # events are inserts only
+    async with OrchestratorDouble() as orch, feed_reactor(dsn, orch.url) as svc:
+        assert svc.feed is not None
+        feed = svc.feed
+        store = feed.store
+        rows = store.rows
+        entered, release = anyio.Event(), anyio.Event()
+        held = False
+
+        async def held_once(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            nonlocal held
+            if name == "feed_follow" and not held:
+                held = True
+                entered.set()
+                await release.wait()  # the read starts (and takes its snapshot) only when released
+            return await rows(name, *args, **kwargs)
+
+        store.rows = held_once  # type: ignore[method-assign]
+        start = last_seq(db)
+        first = insert(db)  # wakes the idle feed: its read waits
+        with anyio.fail_after(PATIENCE_S):
+            await entered.wait()
+        async with connect(url(svc, f"?since={start}"), additional_headers=bearer(token())) as ws:
+            assert await recv(ws) == {"type": "resumed", "since": start}
+            with anyio.fail_after(PATIENCE_S):
+                while feed.clients != 1:
+                    await anyio.sleep(0.01)
+            later = [insert(db) for _ in range(3)]
+            release.set()  # the idle read goes past what the client has read
+            got = await recv_until(ws, lambda m: m["type"] == "event" and m["job"]["id"] == later[-1])
+            live = insert(db)
+            got += await recv_until(ws, lambda m: m["type"] == "event" and m["job"]["id"] == live)
+        assert [e["job"]["id"] for e in events(got)] == [first, *later, live]
+        assert [e["seq"] for e in events(got)] == list(range(start + 1, start + 6))
