@@ -7,7 +7,7 @@ The payloads the reactor itself sends (README, "Events, sequence numbers and NOT
 change ``{seq, n: 1, kind, id, status, old_status, priority, job_type, renderer, user_id, actor}``,
 for several ``{seq, n, q, f, c, actor}``, and ``{truncated: true}`` after a TRUNCATE. A reactor's
 outcomes carry ``claiming: true`` when the same transaction claims after them, and its claim
-``more: true`` when it took all it asked for while the limits leave room (migration 0013).
+``more: true`` when it took all it asked for while the limits leave room (migration 0014).
 """
 
 from __future__ import annotations

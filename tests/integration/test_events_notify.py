@@ -302,7 +302,7 @@ def test_the_reactors_own_writes_journal_as_they_go(db: Conn, listener: Conn) ->
     [a, b] = _finish_and_claim(db, [], 2)
     assert [(r["written"], r["id"], r["attempt"]) for r in (a, b)] == [(False, first, 1), (False, second, 1)]
     [msg] = receive(listener, 1)
-    # it took both it asked for, and the limit (10) leaves room for another claim ("more", 0013)
+    # it took both it asked for, and the limit (10) leaves room for another claim ("more", 0014)
     assert msg == {"seq": seq + 4, "n": 2, "q": 0, "f": 0, "c": 0, "actor": "reactor:r-direct", "more": True}
     assert counters(db) == one(db, COUNTS)
 
@@ -318,7 +318,7 @@ def test_the_reactors_own_writes_journal_as_they_go(db: Conn, listener: Conn) ->
     assert sorted((r["written"], str(r["id"])) for r in got) == sorted(
         [(True, str(first)), (True, str(second)), (False, str(first))])
     finished, claimed = receive(listener, 2)
-    # the outcomes say the same transaction claims after them ("claiming", 0013)
+    # the outcomes say the same transaction claims after them ("claiming", 0014)
     assert finished == {"seq": seq + 6, "n": 2, "q": 1, "f": 2, "c": 0, "actor": "reactor:r-direct",
                         "claiming": True}
     expected = {"seq": seq + 7, "n": 1, "kind": "started", "id": str(first), "status": "processing",
@@ -342,6 +342,35 @@ def test_the_reactors_own_writes_journal_as_they_go(db: Conn, listener: Conn) ->
     assert last_seq(db) == seq + 7
 
 
+def test_the_reactors_call_says_claiming_when_it_claims_after_its_outcomes(db: Conn, listener: Conn) -> None:
+    """The reactor calls finish_settle_and_claim (0013: the render cache settles between outcomes and
+    claim), which writes the outcomes through finish_and_claim with p_max 0: their NOTIFY still says
+    "claiming" when the call claims after them (0014), and does not when it does not claim."""
+    jid = one(db, "INSERT INTO jobs (job_type, priority) VALUES ('doubt', 'high') RETURNING id")["id"]
+    receive(listener, 1)
+    call = ("SELECT * FROM reactor.finish_settle_and_claim(%s::jsonb, 'r-direct', %s, interval '30 seconds')")
+    [claimed] = rows(db, call, (json.dumps([]), 1))
+    assert claimed["id"] == jid
+    receive(listener, 1)
+
+    def outcome(job: Any) -> list[dict[str, Any]]:
+        return [{"id": str(job), "attempt": 1, "status": "completed", "retry_count": 0, "delay_s": 0,
+                 "error_category": None, "error_message": None, "error_details": None,
+                 "result": {"video_url": "u"}}]
+
+    rows(db, call, (json.dumps(outcome(jid)), 1))
+    [finished] = receive(listener, 1)
+    assert finished["kind"] == "completed" and finished["claiming"] is True
+
+    other = one(db, "INSERT INTO jobs (job_type, priority) VALUES ('doubt', 'high') RETURNING id")["id"]
+    receive(listener, 1)
+    rows(db, call, (json.dumps([]), 1))
+    receive(listener, 1)
+    rows(db, call, (json.dumps(outcome(other)), 0))
+    [finished] = receive(listener, 1)
+    assert finished["kind"] == "completed" and "claiming" not in finished
+
+
 def test_a_session_cannot_switch_the_journal_off_for_its_own_updates(db: Conn, listener: Conn) -> None:
     """The direct path's mark is the writing transaction's own id, set inside the reactor's
     functions: a value a session sets for itself does not match, and its updates are journalled."""
@@ -359,7 +388,7 @@ def test_a_session_cannot_switch_the_journal_off_for_its_own_updates(db: Conn, l
 
 
 def test_a_claim_says_more_only_when_it_filled_its_max_with_room_left(db: Conn, listener: Conn) -> None:
-    """0013: several reactors wake each other only when there is work for them. A claim that took
+    """0014: several reactors wake each other only when there is work for them. A claim that took
     p_max while the limits leave room says "more"; one stopped by the limits or the queue's end does
     not; outcomes followed by a claim in the same transaction say "claiming"."""
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 3")

@@ -99,7 +99,7 @@ def test_notice_of_one_event() -> None:
     ({"seq": 9, "n": 2, "q": 0, "f": 0, "c": 2, "actor": "cli:ops"}, Reaction()),
     ({"seq": 9, "n": 1, "kind": "inserted", "status": "queued", "actor": ACTOR}, Reaction()),  # our own
     ({"truncated": True}, Reaction(claim=True)),
-    # another reactor's outcomes, claimed after in the same transaction ("claiming", 0013): the room
+    # another reactor's outcomes, claimed after in the same transaction ("claiming", 0014): the room
     # and the retries are its claim's; a job of ours among them is still checked
     ({"seq": 9, "n": 2, "q": 1, "f": 2, "c": 0, "actor": "reactor:x", "claiming": True}, Reaction(due_dirty=True)),
     ({"seq": 9, "n": 1, "kind": "completed", "status": "completed", "old_status": "processing",

@@ -1,6 +1,21 @@
--- Rollback of 0013_fleet: claim_jobs and finish_and_claim of 0008 come back (no "more" or
--- "claiming" in their NOTIFY payloads).
---     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/rollback/0013_fleet.sql
+-- 0014_fleet: several reactors on one database wake each other only when there is work for them.
+--
+-- Apply with `reactor migrate --dsn DSN`, or by hand:
+--     psql "$DSN" -v ON_ERROR_STOP=1 --single-transaction -f sql/migrations/0014_fleet.sql
+-- Roll back with `reactor migrate --dsn DSN --down --to 13` (sql/rollback/0014_fleet.sql).
+-- Never edit this file once released: add a new numbered migration instead.
+--
+-- A reactor writes its outcomes and claims again in one transaction (finish_and_claim): the room its
+-- finished jobs free, it takes itself. Yet every reactor woke on the NOTIFY of those outcomes and
+-- claimed, found the room taken, and had queued for the claim and journal locks to learn it: with
+-- three reactors on 6,000 jobs (bench/fleet_bench.py) two claims in three found nothing and a third of
+-- the reactors' database time was spent waiting for the claim lock.
+--
+-- Now the outcomes' NOTIFY carries "claiming": true when the same transaction claims after them, and
+-- a claim's NOTIFY carries "more": true when it took all it asked for (p_max) while the fleet's
+-- limits leave room. A reactor claims on the first only when it says more. Nothing else changes: a
+-- claim that took fewer than p_max stopped at the limits or at the end of what is due, where no other
+-- claim could take more either. Reactors of an earlier version ignore both keys and wake as before.
 
 CREATE OR REPLACE FUNCTION reactor.claim_jobs(p_reactor text, p_max integer, p_lease interval,
                                               p_clock timestamptz DEFAULT now())
@@ -22,6 +37,7 @@ DECLARE
     m           integer;  -- the cursor of manim jobs of rank r
     o           integer;  -- the cursor of the other jobs of rank r
     ids         uuid[] := '{}';
+    v_more      boolean;  -- this claim filled p_max with room left in the fleet: others may claim too
 BEGIN
     IF p_max <= 0 THEN
         RETURN;
@@ -124,6 +140,10 @@ BEGIN
     IF cardinality(ids) = 0 THEN
         RETURN;
     END IF;
+    -- a claim that took fewer than p_max stopped at a limit or at the end of what is due: nobody
+    -- else can take more now. One that took p_max while the fleet has room left says so in its
+    -- NOTIFY ("more"), so that the others claim the rest.
+    v_more := cardinality(ids) >= p_max AND lim.max_renders - tot.processing > p_max;
     PERFORM set_config('reactor.journal', pg_current_xact_id()::text, true);
     RETURN QUERY
     WITH upd AS (
@@ -153,14 +173,17 @@ BEGIN
         RETURNING e.seq, e.job_id, e.priority, e.job_type, e.renderer, e.user_id, e.actor
     ), notice AS (
         -- the payloads of reactor.sequence_commit(): one event in full, more as counts
-        SELECT pg_notify('reactor_events', CASE WHEN count(*) = 1 THEN
+        -- (with "more": true when others should claim too)
+        SELECT pg_notify('reactor_events', CASE WHEN v_more THEN (m.msg::jsonb || '{"more": true}')::text
+                                                ELSE m.msg END) AS sent
+          FROM (SELECT CASE WHEN count(*) = 1 THEN
                    json_build_object('seq', max(ev.seq), 'n', 1, 'kind', 'started', 'id', min(ev.job_id::text),
                                      'status', 'processing', 'old_status', 'queued', 'priority', min(ev.priority),
                                      'job_type', min(ev.job_type), 'renderer', min(ev.renderer),
                                      'user_id', min(ev.user_id::text), 'actor', min(ev.actor))::text
                    ELSE json_build_object('seq', max(ev.seq), 'n', count(*), 'q', 0, 'f', 0, 'c', 0,
-                                          'actor', min(ev.actor))::text END) AS sent
-          FROM ev HAVING count(*) > 0
+                                          'actor', min(ev.actor))::text END AS msg
+                  FROM ev HAVING count(*) > 0) m
     )
     SELECT upd.id, upd.job_type, upd.priority, upd.payload, upd.user_id, upd.renderer,
            upd.retry_count, upd.max_retries, upd.attempt, upd.created_at,
@@ -234,7 +257,12 @@ BEGIN
               FROM f, ctr
             RETURNING e.seq, e.job_id, e.kind, e.status, e.priority, e.job_type, e.renderer, e.user_id, e.actor
         ), notice AS (
-            SELECT pg_notify('reactor_events', CASE WHEN count(*) = 1 THEN
+            -- with "claiming": true when this transaction goes on to claim: what it frees, it takes
+            -- itself as far as p_max allows (its claim's NOTIFY says "more" when others should claim)
+            SELECT pg_notify('reactor_events', CASE WHEN p_max > 0 OR current_setting('reactor.claiming', true) = 'on'
+                                                    THEN (m.msg::jsonb || '{"claiming": true}')::text
+                                                    ELSE m.msg END) AS sent
+              FROM (SELECT CASE WHEN count(*) = 1 THEN
                        json_build_object('seq', max(ev.seq), 'n', 1, 'kind', min(ev.kind), 'id', min(ev.job_id::text),
                                          'status', min(ev.status), 'old_status', 'processing',
                                          'priority', min(ev.priority), 'job_type', min(ev.job_type),
@@ -243,8 +271,8 @@ BEGIN
                        ELSE json_build_object('seq', max(ev.seq), 'n', count(*),
                                               'q', (SELECT ctr.queued FROM ctr), 'f', count(*),
                                               'c', (SELECT ctr.cancelled FROM ctr), 'actor', min(ev.actor))::text
-                       END) AS sent
-              FROM ev HAVING count(*) > 0
+                       END AS msg
+                      FROM ev HAVING count(*) > 0) m
         )
         SELECT true, f.id, NULL::text, NULL::text, NULL::jsonb, NULL::uuid, NULL::text, NULL::integer,
                NULL::integer, NULL::integer, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::integer
@@ -258,4 +286,63 @@ BEGIN
 END
 $$;
 
-DELETE FROM reactor.schema_migrations WHERE version = 13;
+
+-- 0013's finish_settle_and_claim (the render cache settled between outcomes and claim) writes the
+-- outcomes through finish_and_claim with p_max 0 and claims after: it tells finish_and_claim so.
+CREATE OR REPLACE FUNCTION reactor.finish_settle_and_claim(p_batch jsonb, p_reactor text, p_max integer,
+                                                p_lease interval, p_clock timestamptz DEFAULT now(),
+                                                p_fallback jsonb DEFAULT '{}')
+RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload jsonb, user_id uuid,
+               renderer text, retry_count integer, max_retries integer, attempt integer,
+               created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer,
+               cache_key text, cache_state text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r    record;
+    req  jsonb;
+    done uuid[] := '{}';
+BEGIN
+    IF p_max > 0 THEN
+        PERFORM pg_advisory_xact_lock(7240513002);  -- before the journal lock: one lock order
+    END IF;
+    cache_key := NULL;
+    cache_state := NULL;
+    -- the outcomes are written with p_max 0 (the render cache settles before the claim), but this
+    -- transaction claims after them: their NOTIFY says so ("claiming", read by finish_and_claim)
+    PERFORM set_config('reactor.claiming', CASE WHEN p_max > 0 THEN 'on' ELSE '' END, true);
+    FOR r IN SELECT * FROM reactor.finish_and_claim(p_batch, p_reactor, 0, p_lease, p_clock) LOOP
+        done := done || r.id;
+        written := r.written; id := r.id; job_type := r.job_type; priority := r.priority;
+        payload := r.payload; user_id := r.user_id; renderer := r.renderer; retry_count := r.retry_count;
+        max_retries := r.max_retries; attempt := r.attempt; created_at := r.created_at;
+        input_field := r.input_field; type_defaults := r.type_defaults; timeout_minutes := r.timeout_minutes;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM set_config('reactor.claiming', '', true);
+    IF cardinality(done) > 0 AND jsonb_path_exists(p_batch, '$[*] ? (exists(@.cache_key) && @.cache_key != null)') THEN
+        PERFORM reactor.render_cache_settle(p_batch, done);
+    END IF;
+    IF p_max > 0 THEN
+        FOR r IN SELECT c.*, t.cache_ttl
+                   FROM reactor.claim_jobs(p_reactor, p_max, p_lease, p_clock) c
+                   LEFT JOIN public.job_types t ON t.name = c.job_type LOOP
+            written := false; id := r.id; job_type := r.job_type; priority := r.priority;
+            payload := r.payload; user_id := r.user_id; renderer := r.renderer; retry_count := r.retry_count;
+            max_retries := r.max_retries; attempt := r.attempt; created_at := r.created_at;
+            input_field := r.input_field; type_defaults := r.type_defaults; timeout_minutes := r.timeout_minutes;
+            cache_key := NULL;
+            cache_state := NULL;
+            IF r.cache_ttl IS NOT NULL THEN
+                req := reactor.render_cache_request(r.job_type, r.payload, r.input_field, r.type_defaults, p_fallback);
+                IF req IS NOT NULL THEN
+                    cache_key := encode(sha256(convert_to(req::text, 'UTF8')), 'hex');
+                    cache_state := reactor.render_cache_claim(r.id, cache_key, req, r.cache_ttl);
+                END IF;
+            END IF;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+END
+$$;
+
+INSERT INTO reactor.schema_migrations (version, name) VALUES (14, 'fleet');
