@@ -250,15 +250,19 @@ class Dispatcher:
         return max(0.0, self._next_due - time.monotonic())
 
     async def _refresh_due(self) -> None:
+        # cleared before the read, not after it: a notice that arrives while it runs (a job delayed to
+        # sooner, committed after the read's snapshot) sets it again, and the next turn reads again
+        self._due_dirty = False
         try:
             w = await self.store.next_wakeups()
         except DatabaseUnavailable as exc:
+            self._due_dirty = True
             logger.warning("cannot read the next due time: %s", exc)
             return
         except Exception:
+            self._due_dirty = True
             logger.exception("cannot read the next due time")
             return
-        self._due_dirty = False
         self.limits_seen(bool(w.get("paused")))
         due = w.get("next_due")
         if due is None:
