@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg import sql
 
 Conn = psycopg.Connection[Any]
 
@@ -149,3 +154,70 @@ def test_claims_take_exactly_what_a_full_scan_would(conn: Conn, dsn: str, seed: 
                 busy += len(want) > n
                 held += got
         assert busy >= 20, busy
+
+
+def test_a_claim_never_reads_the_index_of_every_job(dsn: str) -> None:
+    # 0015: the query for the first job a claim passed had a range on (created_at, job_no), which the
+    # planner served from jobs_created_idx (every job, by created_at) in a session that planned it
+    # while the table was small; after one bulk INSERT, where every job shares created_at, each claim
+    # then read every job. The range now leads with priority_rank, which only the queue's indexes have.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE job_queue_config SET max_concurrent_renders = 10, max_manim_renders = 10")
+        conn.execute("INSERT INTO jobs (job_type, payload) "
+                     "SELECT 'doubt', jsonb_build_object('question', 'q' || g) FROM generate_series(1, 300) g")
+        inflight = claim(conn, 10)
+        before = _created_idx_scans(conn)
+        for _ in range(60):
+            job = inflight.pop(0)
+            batch = [{"id": job[0], "attempt": job[1], "status": "completed", "result": {"video_url": "u"},
+                      "retry_count": 0, "delay_s": 0}]
+            rows = conn.execute("SELECT written, id::text, attempt FROM reactor.finish_and_claim("
+                                "%s::jsonb, 'r', 1, interval '60 s')", (json.dumps(batch),)).fetchall()
+            inflight += [(r[1], r[2]) for r in rows if not r[0]]
+        assert len(inflight) == 10
+        assert _created_idx_scans(conn) == before
+
+
+def _created_idx_scans(conn: Conn) -> int:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT idx_scan FROM pg_stat_user_indexes "
+                       "WHERE schemaname = 'reactor' AND indexrelname = 'jobs_created_idx'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- 0015's PL/pgSQL cursor_keys and cursor_lower give what 0008's SQL ones gave ---------------------
+
+_0008 = Path(__file__).parents[2] / "sql" / "migrations" / "0008_claim_cursor.sql"
+_BASE = datetime(2026, 12, 7, tzinfo=UTC)
+keys = st.tuples(st.integers(0, 3).map(lambda s: _BASE + timedelta(seconds=s)), st.integers(1, 4))
+jobs = st.lists(st.tuples(st.sampled_from(["manim", "revideo"]), st.integers(0, 2), keys), max_size=8)
+lows = st.lists(st.one_of(st.none(), keys), min_size=6, max_size=6)
+
+
+@pytest.fixture
+def sql_0008(db: Conn) -> Conn:
+    text = _0008.read_text()
+    body = text[text.index("CREATE FUNCTION reactor.cursor_keys("):text.index("DROP FUNCTION reactor.append_totals(")]
+    db.execute(body.replace("reactor.cursor_keys(", "pg_temp.cursor_keys_0008(")
+                   .replace("reactor.cursor_lower(", "pg_temp.cursor_lower_0008("))
+    return db
+
+
+@given(given_jobs=jobs, cursors=st.lists(keys, min_size=6, max_size=6), low=lows)
+def test_the_cursor_functions_of_0015_agree_with_those_of_0008(
+        sql_0008: Conn, given_jobs: list[tuple[str, int, tuple[datetime, int]]],
+        cursors: list[tuple[datetime, int]], low: list[tuple[datetime, int] | None]) -> None:
+    args = ([r for r, _, _ in given_jobs], [k for _, k, _ in given_jobs],
+            [at for _, _, (at, _) in given_jobs], [no for _, _, (_, no) in given_jobs])
+    call = sql.SQL("SELECT (f).at, (f).no FROM (SELECT {}(%s::text[], %s::smallint[], %s::timestamptz[], "
+                   "%s::bigint[]) f) s")
+    assert (sql_0008.execute(call.format(sql.Identifier("reactor", "cursor_keys")), args).fetchall()
+            == sql_0008.execute(call.format(sql.Identifier("pg_temp", "cursor_keys_0008")), args).fetchall())
+    args2 = ([at for at, _ in cursors], [no for _, no in cursors],
+             [k[0] if k else None for k in low], [k[1] if k else None for k in low])
+    call = sql.SQL("SELECT (f).at, (f).no FROM (SELECT {}(%s::timestamptz[], %s::bigint[], %s::timestamptz[], "
+                   "%s::bigint[]) f) s")
+    assert (sql_0008.execute(call.format(sql.Identifier("reactor", "cursor_lower")), args2).fetchall()
+            == sql_0008.execute(call.format(sql.Identifier("pg_temp", "cursor_lower_0008")), args2).fetchall())
