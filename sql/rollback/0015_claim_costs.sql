@@ -227,4 +227,95 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION reactor.finish_and_claim(p_batch jsonb, p_reactor text, p_max integer,
+                                                    p_lease interval, p_clock timestamptz DEFAULT now())
+RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload jsonb, user_id uuid,
+               renderer text, retry_count integer, max_retries integer, attempt integer,
+               created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_max > 0 THEN
+        PERFORM pg_advisory_xact_lock(7240513002);  -- before the journal lock: one lock order
+    END IF;
+    IF jsonb_array_length(p_batch) > 0 THEN
+        PERFORM set_config('reactor.journal', pg_current_xact_id()::text, true);
+        RETURN QUERY
+        WITH f AS (
+            UPDATE reactor.jobs j
+               SET status = f.status,
+                   result = f.result,
+                   retry_count = f.retry_count,
+                   run_after = CASE WHEN f.status = 'queued' THEN now() + make_interval(secs => f.delay_s)
+                                    ELSE j.run_after END,
+                   error_category = f.error_category,
+                   error_message = f.error_message,
+                   error_details = f.error_details
+              FROM jsonb_to_recordset(p_batch) AS f(id uuid, attempt integer, status text, result jsonb,
+                   retry_count integer, delay_s double precision, error_category text, error_message text,
+                   error_details jsonb)
+             WHERE j.id = f.id AND j.attempt = f.attempt AND j.status = 'processing' AND j.locked_by = p_reactor
+            RETURNING j.id, j.status, j.priority, j.job_type, j.renderer, j.user_id, j.retry_count,
+                      j.error_category, j.job_no, j.created_at, j.priority_rank
+        ), low AS (
+            -- retried jobs are queued again at their old place: the claims' cursors must not pass them
+            SELECT * FROM reactor.cursor_keys(ARRAY(SELECT f.renderer FROM f WHERE f.status = 'queued' ORDER BY f.job_no),
+                                              ARRAY(SELECT f.priority_rank FROM f WHERE f.status = 'queued' ORDER BY f.job_no),
+                                              ARRAY(SELECT f.created_at FROM f WHERE f.status = 'queued' ORDER BY f.job_no),
+                                              ARRAY(SELECT f.job_no FROM f WHERE f.status = 'queued' ORDER BY f.job_no))
+        ), n AS (
+            -- every row written was processing; it leaves for f.status
+            SELECT count(*) AS n,
+                   count(*) FILTER (WHERE f.renderer = 'manim') AS manim,
+                   count(*) FILTER (WHERE f.status = 'queued') AS queued,
+                   count(*) FILTER (WHERE f.status = 'completed') AS completed,
+                   count(*) FILTER (WHERE f.status = 'failed') AS failed,
+                   count(*) FILTER (WHERE f.status = 'cancelled') AS cancelled,
+                   count(*) FILTER (WHERE f.status = 'queued' AND f.priority = 'high') AS high,
+                   count(*) FILTER (WHERE f.status = 'queued' AND f.priority = 'medium') AS medium,
+                   count(*) FILTER (WHERE f.status = 'queued' AND f.priority = 'low') AS low
+              FROM f
+        ), ctr AS (
+            SELECT reactor.append_totals(n.n, n.queued, -n.n, -n.manim, n.completed, n.failed, n.cancelled,
+                                         n.high, n.medium, n.low, low.at, low.no, false) AS last_seq,
+                   n.n, n.queued, n.cancelled
+              FROM n, low WHERE n.n > 0
+        ), ev AS (
+            INSERT INTO reactor.events AS e (seq, job_id, kind, status, old_status, priority, job_type,
+                                             renderer, user_id, retry_count, error_category, actor)
+            SELECT ctr.last_seq - ctr.n + row_number() OVER (ORDER BY f.job_no),
+                   f.id, CASE WHEN f.status = 'queued' THEN 'retrying' ELSE f.status END, f.status,
+                   'processing', f.priority, f.job_type, f.renderer, f.user_id, f.retry_count,
+                   f.error_category, reactor.current_actor()
+              FROM f, ctr
+            RETURNING e.seq, e.job_id, e.kind, e.status, e.priority, e.job_type, e.renderer, e.user_id, e.actor
+        ), notice AS (
+            -- with "claiming": true when this transaction goes on to claim: what it frees, it takes
+            -- itself as far as p_max allows (its claim's NOTIFY says "more" when others should claim)
+            SELECT pg_notify('reactor_events', CASE WHEN p_max > 0 OR current_setting('reactor.claiming', true) = 'on'
+                                                    THEN (m.msg::jsonb || '{"claiming": true}')::text
+                                                    ELSE m.msg END) AS sent
+              FROM (SELECT CASE WHEN count(*) = 1 THEN
+                       json_build_object('seq', max(ev.seq), 'n', 1, 'kind', min(ev.kind), 'id', min(ev.job_id::text),
+                                         'status', min(ev.status), 'old_status', 'processing',
+                                         'priority', min(ev.priority), 'job_type', min(ev.job_type),
+                                         'renderer', min(ev.renderer), 'user_id', min(ev.user_id::text),
+                                         'actor', min(ev.actor))::text
+                       ELSE json_build_object('seq', max(ev.seq), 'n', count(*),
+                                              'q', (SELECT ctr.queued FROM ctr), 'f', count(*),
+                                              'c', (SELECT ctr.cancelled FROM ctr), 'actor', min(ev.actor))::text
+                       END AS msg
+                      FROM ev HAVING count(*) > 0) m
+        )
+        SELECT true, f.id, NULL::text, NULL::text, NULL::jsonb, NULL::uuid, NULL::text, NULL::integer,
+               NULL::integer, NULL::integer, NULL::timestamptz, NULL::text, NULL::jsonb, NULL::integer
+          FROM f
+         WHERE (SELECT count(*) FROM notice) >= 0;
+        PERFORM set_config('reactor.journal', '', true);
+    END IF;
+    IF p_max > 0 THEN
+        RETURN QUERY SELECT false, c.* FROM reactor.claim_jobs(p_reactor, p_max, p_lease, p_clock) c;
+    END IF;
+END
+$$;
+
 DELETE FROM reactor.schema_migrations WHERE version = 15;

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The database's share of the reactor's cycle, by schema version (issue 18, the quiet figures).
+
+    python3 bench/cycle_bench.py [--jobs 3000] [--batch 1] [--repeats 2] [--versions 6,7,14,15]
+
+The reactor writes each outcome and claims again in one call, ``reactor.finish_and_claim``. This
+bench makes that call alone, without the reactor, the orchestrator or HTTP: on one connection,
+``--jobs`` Manim doubts queued by one INSERT (limits 10 and 10), then the loop "write ``--batch``
+outcomes as completed and claim as many" until every job is done, each call its own transaction.
+It prints, per schema version, jobs/s, calls/s, the time of the call and of its COMMIT (the WAL
+flush), and WAL bytes per job.
+
+Each version is this tree's migrations applied and then rolled back to that version (the rollbacks
+are tested to give back exactly what the earlier migrations made), in a database cloned from a
+template per version; the versions alternate within each repeat, so that load from elsewhere on the
+machine falls on all alike. A private PostgreSQL with durable settings (fsync on, as in production).
+No bound: a figure to compare versions by, in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from reactor.db.embedded import EmbeddedPostgres  # noqa: E402
+from reactor.db.migrations import discover, migrate_down, migrate_up  # noqa: E402
+
+CYCLE = sql.SQL("SELECT written, id, attempt FROM reactor.finish_and_claim(%s::jsonb, 'bench', %s, "
+                "interval '5 minutes')")
+
+
+def template(admin: psycopg.Connection[Any], server: EmbeddedPostgres, version: int) -> str:
+    name = f"cycle_v{version}"
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrate_up(server.dsn_for(name))
+    migrate_down(server.dsn_for(name), to_version=version)
+    return name
+
+
+def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int, batch: int) -> dict[str, float]:
+    admin.execute("DROP DATABASE IF EXISTS cycle_run")
+    admin.execute(sql.SQL("CREATE DATABASE cycle_run TEMPLATE {}").format(sql.Identifier(tpl)))
+    with psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as c:
+        c.execute("UPDATE job_queue_config SET max_concurrent_renders = 10, max_manim_renders = 10")
+        c.execute("INSERT INTO jobs (job_type, payload) "
+                  "SELECT 'doubt', jsonb_build_object('question', 'q' || g) FROM generate_series(1, %s) g", (jobs,))
+        c.execute("CHECKPOINT")
+        inflight: list[tuple[Any, int]] = []
+        spent = {"call": 0.0, "commit": 0.0}
+
+        def cycle(outcomes: list[dict[str, Any]], claim: int) -> None:
+            t1 = time.perf_counter()
+            c.execute("BEGIN")
+            rows = c.execute(CYCLE, (json.dumps(outcomes), claim)).fetchall()
+            t2 = time.perf_counter()
+            c.execute("COMMIT")
+            spent["call"] += t2 - t1
+            spent["commit"] += time.perf_counter() - t2
+            inflight.extend((r[1], r[2]) for r in rows if not r[0])
+
+        row = c.execute("SELECT pg_current_wal_lsn()").fetchone()
+        assert row is not None
+        lsn = row[0]
+        t0 = time.perf_counter()
+        cycle([], 10)
+        done = calls = 0
+        while inflight:
+            now, inflight[:] = inflight[:batch], inflight[batch:]
+            cycle([{"id": str(i), "attempt": a, "status": "completed", "retry_count": 0, "delay_s": 0,
+                    "result": {"video_url": f"https://cdn.example/{i}.mp4"}} for i, a in now], len(now))
+            done += len(now)
+            calls += 1
+        elapsed = time.perf_counter() - t0
+        row = c.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn, count(*) FILTER (WHERE status = 'completed') "
+                        "FROM reactor.jobs", (str(lsn),)).fetchone()
+        assert row is not None
+        if row[1] != jobs or done != jobs:
+            raise SystemExit(f"cycle_bench: {row[1]} of {jobs} jobs completed ({done} written)")
+    return {"jobs_s": done / elapsed, "calls_s": calls / elapsed, "call_ms": spent["call"] / calls * 1000,
+            "commit_ms": spent["commit"] / calls * 1000, "wal_b": float(row[0]) / done}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=1, help="outcomes written (and jobs claimed) per call")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--versions", default=None, help="schema versions, comma-separated (default 6,7,8,14,latest)")
+    args = ap.parse_args()
+    latest = max(m.version for m in discover())
+    versions = ([int(v) for v in args.versions.split(",")] if args.versions
+                else sorted({6, 7, 8, latest - 1, latest}))
+    server = EmbeddedPostgres(settings={"max_connections": "20", "shared_buffers": "128MB"})
+    dsn = server.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            templates = {v: template(admin, server, v) for v in versions}
+            print(f"cycle_bench: {args.jobs} jobs, {args.batch} outcome(s) and claim(s) per call, one connection, "
+                  f"durable; versions {', '.join(map(str, versions))} (latest {latest})")
+            print(f"{'repeat':>6} {'version':>7} {'jobs/s':>8} {'calls/s':>8} {'call ms':>8} {'commit ms':>9} "
+                  f"{'WAL B/job':>9}")
+            for r in range(1, args.repeats + 1):
+                for v in versions:
+                    f = run(admin, server, templates[v], args.jobs, args.batch)
+                    print(f"{r:>6} {v:>7} {f['jobs_s']:>8.1f} {f['calls_s']:>8.1f} {f['call_ms']:>8.2f} "
+                          f"{f['commit_ms']:>9.2f} {f['wal_b']:>9.0f}", flush=True)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
