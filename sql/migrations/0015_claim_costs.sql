@@ -6,9 +6,9 @@
 -- Never edit this file once released: add a new numbered migration instead.
 --
 -- 0008 made the reactor's own cycle (write an outcome, claim again: finish_and_claim) cost twice
--- the database time of 0007: 1.5 ms -> 2.7 ms a call with one outcome and one claim, on one
--- connection with nothing else running (bench/README.md, "What 0008 cost, and 0015"). Found with
--- auto_explain (log_nested_statements) on that loop:
+-- the database time of 0007: 1.4-1.5 ms -> 2.6 ms a call with one outcome and one claim, on one
+-- connection with nothing else running (bench/cycle_bench.py; bench/README.md, "The regression
+-- found"). Found with auto_explain (log_nested_statements), perf and pg_stat_user_functions:
 --
 -- * reactor.cursor_lower() and reactor.cursor_keys() were SQL functions that return a record:
 --   PostgreSQL does not inline those and plans their body again at every call, about 0.2 ms each.
@@ -20,8 +20,16 @@
 --   (created_at, job_no), which the planner could serve from jobs_created_idx, the index of every
 --   job by created_at. It did, in a session whose cached plan was made while the table was small,
 --   and then read every job with that created_at (all of them, after one bulk INSERT) at every
---   claim. The range now starts with priority_rank, (priority_rank, created_at, job_no), which only
---   the claim's own partial indexes serve.
+--   claim. The range is now a comparison of (priority_rank, created_at, job_no), which only the
+--   claim's own partial indexes serve, and starts the scan at the cursor (with priority_rank = r as
+--   well, a btree scan starts from the equality and walks the whole priority).
+-- * finish_and_claim was planned again at every call: PL/pgSQL keeps custom plans for a statement
+--   whose custom plans look cheaper than its generic one, and the outcomes' statement always did
+--   (perf: the planner took a fifth of the backend's CPU; the function's own time 0.9 ms a call).
+--   It now runs with plan_cache_mode = force_generic_plan, as claim_jobs() does (0.4 ms).
+-- * its outcomes' UPDATE joined jobs to jsonb_to_recordset (estimated at 100 rows), and the
+--   claim's to unnest(ids): on a freshly filled table the planner read all of jobs at every call.
+--   Both also say j.id = ANY(ids) now, which only jobs_pkey serves.
 --
 -- Nothing else changes: the same locks in the same order, the same totals, cursors, events and
 -- NOTIFY payloads.
@@ -109,7 +117,7 @@ END
 $$;
 
 -- 0014's claim, with the range of the query for the first job passed without taking led by
--- priority_rank (above)
+-- priority_rank and no equality on it (above)
 CREATE OR REPLACE FUNCTION reactor.claim_jobs(p_reactor text, p_max integer, p_lease interval,
                                               p_clock timestamptz DEFAULT now())
 RETURNS TABLE (id uuid, job_type text, priority text, payload jsonb, user_id uuid, renderer text,
@@ -210,7 +218,7 @@ BEGIN
         -- it, or it is not due yet), else to the last one it took
         IF got.n_manim > 0 THEN
             SELECT q.created_at, q.job_no INTO skip FROM reactor.jobs q
-             WHERE q.status = 'queued' AND q.renderer = 'manim' AND q.priority_rank = r
+             WHERE q.status = 'queued' AND q.renderer = 'manim'
                AND (q.priority_rank, q.created_at, q.job_no) >= (r, cur_at[m], cur_no[m])
                AND (q.priority_rank, q.created_at, q.job_no) <= (r, got.m_at, got.m_no)
                AND NOT (q.id = ANY(got.ids))
@@ -220,7 +228,7 @@ BEGIN
         END IF;
         IF got.n - got.n_manim > 0 THEN
             SELECT q.created_at, q.job_no INTO skip FROM reactor.jobs q
-             WHERE q.status = 'queued' AND q.renderer <> 'manim' AND q.priority_rank = r
+             WHERE q.status = 'queued' AND q.renderer <> 'manim'
                AND (q.priority_rank, q.created_at, q.job_no) >= (r, cur_at[o], cur_no[o])
                AND (q.priority_rank, q.created_at, q.job_no) <= (r, got.o_at, got.o_no)
                AND NOT (q.id = ANY(got.ids))
@@ -290,13 +298,13 @@ BEGIN
 END
 $$;
 
--- 0014's finish_and_claim, with the outcomes' jobs found by id (above)
+-- 0014's finish_and_claim, with the outcomes' jobs found by id and generic plans (above)
 CREATE OR REPLACE FUNCTION reactor.finish_and_claim(p_batch jsonb, p_reactor text, p_max integer,
                                                     p_lease interval, p_clock timestamptz DEFAULT now())
 RETURNS TABLE (written boolean, id uuid, job_type text, priority text, payload jsonb, user_id uuid,
                renderer text, retry_count integer, max_retries integer, attempt integer,
                created_at timestamptz, input_field text, type_defaults jsonb, timeout_minutes integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     batch_ids uuid[];
 BEGIN
