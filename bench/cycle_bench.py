@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """The database's share of the reactor's cycle, by schema version (issue 18, the quiet figures).
 
-    python3 bench/cycle_bench.py [--jobs 3000] [--batch 1] [--repeats 2] [--versions 6,7,14,15]
+    python3 bench/cycle_bench.py [--jobs 3000] [--batch 1] [--repeats 2] [--versions 6,7,14,15] [--reactor-call]
 
-The reactor writes each outcome and claims again in one call, ``reactor.finish_and_claim``. This
-bench makes that call alone, without the reactor, the orchestrator or HTTP: on one connection,
+The reactor writes each outcome and claims again in one call: ``reactor.finish_and_claim`` to 0012,
+``finish_settle_and_claim`` (which calls it and then ``claim_jobs``) from 0013, ``run_cycle`` from
+0016. This bench makes ``finish_and_claim`` at every version, or with ``--reactor-call`` what the
+reactor calls at that version, alone, without the reactor, the orchestrator or HTTP: on one connection,
 ``--jobs`` Manim doubts queued by one INSERT (limits 10 and 10), then the loop "write ``--batch``
 outcomes as completed and claim as many" until every job is done, each call its own transaction.
+(``--batch 1, 2, 5, 10`` shows what a call costs once and what each further job adds.)
 It prints, per schema version, jobs/s, calls/s, the time of the call and of its COMMIT (the WAL
 flush), and WAL bytes per job.
 
@@ -37,6 +40,12 @@ from reactor.db.migrations import discover, migrate_down, migrate_up  # noqa: E4
 
 CYCLE = sql.SQL("SELECT written, id, attempt FROM reactor.finish_and_claim(%s::jsonb, 'bench', %s, "
                 "interval '5 minutes')")
+# what the reactor calls (sql/queries.sql): from 0013 the render cache settled between outcomes and
+# claim; from 0016 the same in one function with one journal write
+SETTLE = sql.SQL("SELECT written, id, attempt FROM reactor.finish_settle_and_claim(%s::jsonb, 'bench', %s, "
+                 "interval '5 minutes')")
+RUN_CYCLE = sql.SQL("SELECT written, id, attempt FROM reactor.run_cycle(%s::jsonb, 'bench', %s, "
+                    "interval '5 minutes')")
 
 
 def template(admin: psycopg.Connection[Any], server: EmbeddedPostgres, version: int) -> str:
@@ -47,7 +56,8 @@ def template(admin: psycopg.Connection[Any], server: EmbeddedPostgres, version: 
     return name
 
 
-def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int, batch: int) -> dict[str, float]:
+def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int, batch: int,
+        call: sql.SQL = CYCLE) -> dict[str, float]:
     admin.execute("DROP DATABASE IF EXISTS cycle_run")
     admin.execute(sql.SQL("CREATE DATABASE cycle_run TEMPLATE {}").format(sql.Identifier(tpl)))
     with psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as c:
@@ -61,7 +71,7 @@ def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs
         def cycle(outcomes: list[dict[str, Any]], claim: int) -> None:
             t1 = time.perf_counter()
             c.execute("BEGIN")
-            rows = c.execute(CYCLE, (json.dumps(outcomes), claim)).fetchall()
+            rows = c.execute(call, (json.dumps(outcomes), claim)).fetchall()
             t2 = time.perf_counter()
             c.execute("COMMIT")
             spent["call"] += t2 - t1
@@ -95,6 +105,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=1, help="outcomes written (and jobs claimed) per call")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--reactor-call", action="store_true",
+                    help="call what the reactor calls at each version (finish_settle_and_claim from 0013, "
+                         "run_cycle from 0016), not finish_and_claim")
     ap.add_argument("--versions", default=None, help="schema versions, comma-separated (default 6,7,8,14,latest)")
     args = ap.parse_args()
     latest = max(m.version for m in discover())
@@ -111,7 +124,8 @@ def main() -> int:
                   f"{'WAL B/job':>9}")
             for r in range(1, args.repeats + 1):
                 for v in versions:
-                    f = run(admin, server, templates[v], args.jobs, args.batch)
+                    call = (CYCLE if not args.reactor_call or v < 13 else SETTLE if v < 16 else RUN_CYCLE)
+                    f = run(admin, server, templates[v], args.jobs, args.batch, call)
                     print(f"{r:>6} {v:>7} {f['jobs_s']:>8.1f} {f['calls_s']:>8.1f} {f['call_ms']:>8.2f} "
                           f"{f['commit_ms']:>9.2f} {f['wal_b']:>9.0f}", flush=True)
     finally:
