@@ -1,11 +1,10 @@
 -- Named queries of the reactor, loaded once by reactor/db/store.py. Parameters are %(name)s.
 
 -- name: finish_and_claim
--- reactor.finish_and_claim, with the render cache settled between the outcomes and the claim, and
--- each claimed job's cache key and the cache's word on it (0013)
-SELECT * FROM reactor.finish_settle_and_claim(%(batch)s::jsonb, %(reactor)s, %(max)s,
-                                              make_interval(secs => %(lease_s)s), %(clock)s,
-                                              %(fallback)s::jsonb)
+-- the outcomes written, the render cache settled, the claim made, each claimed job with its cache key
+-- and the cache's word on it (0013), and one journal write for all of it (0016)
+SELECT * FROM reactor.run_cycle(%(batch)s::jsonb, %(reactor)s, %(max)s, make_interval(secs => %(lease_s)s),
+                                %(clock)s, %(fallback)s::jsonb)
 
 -- name: release_strays
 -- jobs this reactor holds but neither renders nor has an outcome for (it could not read the claim

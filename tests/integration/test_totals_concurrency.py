@@ -10,9 +10,10 @@ import json
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 from tests.integration.test_events_notify import COUNTS
@@ -22,7 +23,14 @@ SECONDS = 8.0
 
 
 
-def worker(dsn: str, seed: int, stop: threading.Event, errors: list[BaseException]) -> None:
+#: the reactor's round trip: finish_and_claim (0004-0015), or run_cycle (0016, what the reactor calls)
+CYCLE: dict[str, LiteralString] = {
+    "finish_and_claim": "SELECT written, id, attempt FROM reactor.finish_and_claim(%s::jsonb, %s, %s, interval '60 s')",
+    "run_cycle": "SELECT written, id, attempt FROM reactor.run_cycle(%s::jsonb, %s, %s, interval '60 s')",
+}
+
+
+def worker(dsn: str, seed: int, stop: threading.Event, errors: list[BaseException], cycle: str) -> None:
     rng = random.Random(seed)
     reactor = f"w{seed}"
     held: dict[str, int] = {}
@@ -31,12 +39,12 @@ def worker(dsn: str, seed: int, stop: threading.Event, errors: list[BaseExceptio
             while not stop.is_set():
                 # two writers that took the same random rows in opposite orders: one gives way
                 with contextlib.suppress(psycopg.errors.DeadlockDetected):
-                    step(conn, rng, reactor, held)
+                    step(conn, rng, reactor, held, CYCLE[cycle])
     except BaseException as exc:
         errors.append(exc)
 
 
-def step(conn: Conn, rng: random.Random, reactor: str, held: dict[str, int]) -> None:
+def step(conn: Conn, rng: random.Random, reactor: str, held: dict[str, int], cycle: LiteralString) -> None:
     op = rng.random()
     if op < 0.25:
         conn.execute(
@@ -55,9 +63,7 @@ def step(conn: Conn, rng: random.Random, reactor: str, held: dict[str, int]) -> 
         batch = [{"id": j, "attempt": held.pop(j), "status": rng.choice(["completed", "failed", "queued"]),
                   "result": None, "retry_count": 0, "delay_s": 0, "error_category": None,
                   "error_message": None, "error_details": None} for j in done]
-        rows = conn.execute(
-            "SELECT written, id, attempt FROM reactor.finish_and_claim(%s::jsonb, %s, %s, interval '60 s')",
-            (json.dumps(batch), reactor, rng.randint(0, 4))).fetchall()
+        rows = conn.execute(cycle, (json.dumps(batch), reactor, rng.randint(0, 4))).fetchall()
         held.update({str(r[1]): r[2] for r in rows if not r[0]})
     elif op < 0.7:
         conn.execute("UPDATE jobs SET status = 'cancelled' WHERE id IN (SELECT id FROM reactor.jobs "
@@ -77,11 +83,15 @@ def step(conn: Conn, rng: random.Random, reactor: str, held: dict[str, int]) -> 
         conn.execute("SELECT * FROM reactor.sweep(interval '0 s', interval '3600 s')")
 
 
-def test_totals_positions_and_seq_stay_exact_under_concurrent_writers(dsn: str, db: Conn) -> None:
+@pytest.mark.parametrize("cycles", ["finish_and_claim", "run_cycle", "mixed"])
+def test_totals_positions_and_seq_stay_exact_under_concurrent_writers(dsn: str, db: Conn, cycles: str) -> None:
     db.execute("UPDATE job_queue_config SET max_concurrent_renders = 40, max_manim_renders = 15")
     stop = threading.Event()
     errors: list[BaseException] = []
-    threads = [threading.Thread(target=worker, args=(dsn, seed, stop, errors)) for seed in range(6)]
+    # "mixed": half the writers on each, as during a rolling upgrade of a fleet
+    threads = [threading.Thread(target=worker, args=(
+        dsn, seed, stop, errors, cycles if cycles != "mixed" else ["finish_and_claim", "run_cycle"][seed % 2]))
+        for seed in range(6)]
     for t in threads:
         t.start()
     # the claims' limits hold at every moment, read from the in-flight counts the claim uses
