@@ -20,9 +20,14 @@ repeat (1, 3 then 3, 1), so that a busy minute of the shared machine falls on bo
   each sample of a reactor session counted as running, waiting for the claim lock (7240513002), the
   journal lock (7240513004), the NOTIFY commit lock (``Lock:object``), WAL (a commit's flush), or
   idle (waiting for its reactor); CPU seconds of the reactor processes and of their backends;
+* who did the work: the jobs each reactor claimed and its claims (the journal's "started" events by
+  actor), and how long a job stayed in processing (its "started" event to its "completed" one), p50;
 * checks: the number of jobs in processing, sampled with the rest, never above the limit; the
   double never had more than the limit in flight; no job rendered twice (its request log), every
   job rendered; every reactor's feed read up to the same last seq, the log's (``reactor_feed_seq``).
+
+``--max-inflight N`` caps each reactor of a run with more than one (``reactor run --max-inflight``):
+with it, the work is shared out instead of going where the room is freed (see bench/README.md).
 
 The machine is shared: compare counts within a repeat, not across runs.
 """
@@ -131,7 +136,7 @@ def classify(state: str | None, wtype: str | None, wevent: str | None, key: int 
 
 
 def start_reactors(
-    dsn: str, orch_url: str, n: int, logdir: Path, feed: bool = True,
+    dsn: str, orch_url: str, n: int, logdir: Path, feed: bool = True, max_inflight: int | None = None,
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     procs: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
@@ -141,6 +146,7 @@ def start_reactors(
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "reactor", "--log-level", "WARNING", "run", "--dsn", dsn,
              "--orchestrator-url", orch_url, "--reactor-id", f"fleet-{i}",
+             *(["--max-inflight", str(max_inflight)] if max_inflight else []),
              *(["--listen", f"127.0.0.1:{port}"] if feed else [])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "REACTOR_JWT_SECRET": "bench-secret-bench-secret-bench-secret"},
@@ -183,7 +189,8 @@ def one_run(server: EmbeddedPostgres, procs: Procs, n_reactors: int, args: argpa
     with psycopg.connect(server.dsn_for("postgres"), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE fleet_template").format(sql.Identifier(dbname)))
     dsn = server.dsn_for(dbname)
-    reactors, ports = start_reactors(dsn, procs.orch_url, n_reactors, logdir, not args.no_feed)
+    reactors, ports = start_reactors(dsn, procs.orch_url, n_reactors, logdir, not args.no_feed,
+                                     args.max_inflight if n_reactors > 1 else None)
     r: dict[str, Any] = {"reactors": n_reactors}
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -232,6 +239,14 @@ def one_run(server: EmbeddedPostgres, procs: Procs, n_reactors: int, args: argpa
             r["functions"] = {f: (c, t) for f, c, t in conn.execute(
                 "SELECT funcname, calls, self_time FROM pg_stat_user_functions WHERE schemaname = 'reactor' "
                 "AND funcname IN ('claim_jobs', 'finish_and_claim', 'append_totals', 'sequence_commit')")}
+            r["by_reactor"] = conn.execute(
+                "SELECT actor, count(*), count(DISTINCT at) FROM reactor.events WHERE kind = 'started' "
+                "GROUP BY actor ORDER BY actor").fetchall()
+            held = conn.execute(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM f.at - s.at) * 1000) "
+                "FROM reactor.events s JOIN reactor.events f ON f.job_id = s.job_id AND f.kind = 'completed' "
+                "WHERE s.kind = 'started'").fetchone()
+            r["held_ms"] = float(held[0]) if held and held[0] is not None else float("nan")
             notices = conn.execute("SELECT count(*) FROM reactor.events").fetchone()
             last_seq = conn.execute("SELECT last_seq FROM reactor.counters").fetchone()
             assert notices and last_seq
@@ -281,6 +296,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"{claim_ms / max(claim_calls, 1):.2f} ms self",
         f"    reactor sessions while active ({busy} samples): {where}; idle {states['idle']}",
         f"    CPU s: reactors {r['cpu_reactors']:.2f}, their backends {r['cpu_backends']:.2f}",
+        "    work: " + ", ".join(f"{a.removeprefix('reactor:')} {n} jobs in {c} claims" for a, n, c in r["by_reactor"])
+        + f"; a job in processing p50 {r['held_ms']:.1f} ms",
         f"    checks: processing <= {r['max_processing']}, double in flight <= {r['max_in_flight']} "
         f"(limit {args.limit}); rendered {r['rendered']}, twice {r['rendered_twice']}; feed seqs "
         f"{r['feed_seqs']} (log {r['last_seq']}): {'PASS' if ok else 'FAIL'}",
@@ -299,6 +316,8 @@ def main() -> int:
     ap.add_argument("--no-feed", action="store_true",
                     help="reactors without --listen (no feed, no /metrics: no claim counts, no seq check)")
     ap.add_argument("--fast", action="store_true", help="PostgreSQL with fsync off (default: durable defaults)")
+    ap.add_argument("--max-inflight", type=int, default=None,
+                    help="each reactor's own cap in runs of more than one (default: none, the fleet's limit)")
     args = ap.parse_args()
     counts = [int(x) for x in args.reactors.split(",")]
     settings = dict(FAST_SETTINGS) if args.fast else {"max_connections": "100"}
