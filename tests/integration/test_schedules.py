@@ -120,7 +120,9 @@ def test_date_in_kolkata_right_across_utc_midnight(db: Conn) -> None:
                 '"meta": {"slot": "{{slot}}", "n": 1, "l": ["{{date}}"]}}')
     now = db.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     midnight_ist = now.astimezone(UTC).replace(hour=18, minute=30, second=0, microsecond=0)
-    if midnight_ist <= now:
+    # the first slot looked at is 23:30 IST, half an hour before: it must come after the schedule was
+    # made (run between 18:00 and 18:30 UTC, the test once looked for a slot from before it)
+    if midnight_ist - timedelta(minutes=30) <= now:
         midnight_ist += timedelta(days=1)
     fire(db, midnight_ist + timedelta(minutes=31))
     by_slot = {j["idempotency_key"]: j["payload"] for j in jobs(db)}
