@@ -14,8 +14,8 @@ repeat (1, 3 then 3, 1), so that a busy minute of the shared machine falls on bo
   double's ``POST /render``, as bench/pickup.py measures it);
 * claims: round trips that asked for jobs, those that found none, and the notifications from other
   reactors that asked for a claim (each reactor's ``/metrics``: ``reactor_claims``,
-  ``reactor_claim_wakeups``); calls of ``reactor.claim_jobs`` and ``finish_and_claim`` with their
-  mean time (pg_stat_user_functions, pg_stat_statements);
+  ``reactor_claim_wakeups``); calls of the reactor's round trip, ``reactor.run_cycle``, with their
+  mean time and the function's own (pg_stat_statements, pg_stat_user_functions);
 * where the reactors' database sessions spend their time: pg_stat_activity sampled every 10 ms,
   each sample of a reactor session counted as running, waiting for the claim lock (7240513002), the
   journal lock (7240513004), the NOTIFY commit lock (``Lock:object``), WAL (a commit's flush), or
@@ -235,10 +235,10 @@ def one_run(server: EmbeddedPostgres, procs: Procs, n_reactors: int, args: argpa
             r["statements"] = conn.execute(
                 "SELECT calls, total_exec_time / greatest(calls, 1) FROM pg_stat_statements "
                 "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                "AND query LIKE '%%reactor.finish_and_claim(%%' ORDER BY calls DESC LIMIT 1").fetchone()
+                "AND query LIKE '%%reactor.run_cycle(%%' ORDER BY calls DESC LIMIT 1").fetchone()
             r["functions"] = {f: (c, t) for f, c, t in conn.execute(
                 "SELECT funcname, calls, self_time FROM pg_stat_user_functions WHERE schemaname = 'reactor' "
-                "AND funcname IN ('claim_jobs', 'finish_and_claim', 'append_totals', 'sequence_commit')")}
+                "AND funcname = 'run_cycle'")}
             r["by_reactor"] = conn.execute(
                 "SELECT actor, count(*), count(DISTINCT at) FROM reactor.events WHERE kind = 'started' "
                 "GROUP BY actor ORDER BY actor").fetchall()
@@ -288,7 +288,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
     busy = sum(v for k, v in states.items() if k != "idle") or 1
     where = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in states.most_common() if k != "idle")
     fn = r["functions"]
-    claim_calls, claim_ms = fn.get("claim_jobs", (0, 0.0))
+    own_calls, own_ms = fn.get("run_cycle", (0, 0.0))
     stmt = r["statements"] or (0, 0.0)
     lines = [
         f"{r['reactors']} reactor{'s' if r['reactors'] > 1 else ' '}: {args.jobs} jobs in {r['seconds']:.2f} s = "
@@ -296,8 +296,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"p99 {r.get('pickup_p99', float('nan')):.2f} ms",
         f"    claims {r['claims'] + r['claims_empty']:.0f}, found nothing {r['claims_empty']:.0f}; "
         f"wake-ups from others' notices {r['wakeups']:.0f} for {r['events']} events; "
-        f"finish_and_claim {stmt[0]} calls, {stmt[1]:.2f} ms mean; claim_jobs {claim_calls} calls, "
-        f"{claim_ms / max(claim_calls, 1):.2f} ms self",
+        f"run_cycle {stmt[0]} calls, {stmt[1]:.2f} ms mean, {own_ms / max(own_calls, 1):.2f} ms self",
         f"    reactor sessions while active ({busy} samples): {where}; idle {states['idle']}",
         f"    CPU s: reactors {r['cpu_reactors']:.2f}, their backends {r['cpu_backends']:.2f}",
         "    work: " + ", ".join(f"{a.removeprefix('reactor:')} {n} jobs in {c} claims" for a, n, c in r["by_reactor"])
