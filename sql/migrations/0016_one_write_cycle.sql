@@ -47,7 +47,6 @@ DECLARE
     batch_ids  uuid[];
     o          record;               -- the outcomes written, counted; the newest totals when locked
     tot        reactor.totals;       -- the totals this transaction starts from (after the lock)
-    have_tot   boolean := false;
     lim        record;
     got        record;
     skip       record;
@@ -151,7 +150,6 @@ BEGIN
         PERFORM set_config('reactor.journal', '', true);
         IF o.n > 0 THEN
             tot := o.bt;
-            have_tot := true;
             n_out := o.n;
             d_queued := o.queued;
             n_requeued := o.queued;
@@ -187,11 +185,11 @@ BEGIN
 
     -- 3. The claim, as claim_jobs() (0015) makes it, from the totals above with the outcomes applied
     IF p_max > 0 THEN
-        IF NOT have_tot THEN
-            -- the journal lock before this claim reads anything: no transaction can commit a job
-            -- below the cursors between what this claim reads and the cursors it writes
+        IF n_out = 0 THEN
+            -- no outcome took the journal lock: take it before this claim reads anything, so that
+            -- no transaction can commit a job below the cursors between what this claim reads and
+            -- the cursors it writes
             SELECT * INTO tot FROM reactor.journal_newest();
-            have_tot := true;
             cur_at := tot.cursor_at;
             cur_no := tot.cursor_no;
         END IF;
