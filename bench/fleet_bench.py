@@ -255,8 +255,10 @@ def one_run(server: EmbeddedPostgres, procs: Procs, n_reactors: int, args: argpa
             r["claims"] = sum(m.get('reactor_claims_total{result="jobs"}', 0) for m in metrics)
             r["claims_empty"] = sum(m.get('reactor_claims_total{result="empty"}', 0) for m in metrics)
             r["wakeups"] = sum(m.get("reactor_claim_wakeups_total", 0) for m in metrics)
-            # every reactor's feed reads the log up to its end (it follows NOTIFY; give it a moment)
-            deadline = time.monotonic() + 10
+            # every reactor's feed reads the log up to its end. A feed with no client does not hear the
+            # busy reactor's cycles (reactor_log, migration 0017): it reads the log's end at its next
+            # heartbeat (15 s by default) at the latest
+            deadline = time.monotonic() + 25
             while True:
                 seqs = [int(scrape(p).get("reactor_feed_seq", -1)) for p in ports]
                 if not ports or all(s == last_seq[0] for s in seqs) or time.monotonic() > deadline:

@@ -100,8 +100,10 @@ class Service:
             settings.dsn,
             on_notice=self._on_notice,
             on_connect=self._on_listener_connect,
+            on_log=self._on_log_followed,
             idle_check_s=settings.listener_idle_check_s,
         )
+        self.dispatcher.on_cycle = self._on_own_cycle
         self.metrics = Metrics(actor=f"reactor:{settings.reactor_id}")
         self.metrics.watch(listener_connected=lambda: self.listener.connected,
                            listener_reconnects=lambda: self.listener.reconnects,
@@ -145,6 +147,8 @@ class Service:
         # the admin dashboard: its page at /, its requests on the feed (reads through the feed's pool),
         # the runbook's actions for its admins (the web layer does not import ops: they are given here)
         feed.plug(Dashboard(feed.store, RunbookActions(self.settings.dsn)))
+        # other reactors' cycles that give nobody work come on reactor_log: heard only while clients watch
+        feed.on_clients = self.listener.follow_log
         return feed
 
     async def _run_feed(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -188,6 +192,18 @@ class Service:
             self.feed.on_notice(notice)
         if self.alerts is not None:
             self.alerts.poke()
+
+    def _on_own_cycle(self) -> None:
+        """The dispatcher committed a round trip: its NOTIFY may have gone on reactor_log, which the
+        listener follows only while the feed has clients."""
+        if self.feed is not None:
+            self.feed.wake()
+        if self.alerts is not None:
+            self.alerts.poke()
+
+    def _on_log_followed(self) -> None:
+        if self.feed is not None:
+            self.feed.wake()
 
     def _on_listener_connect(self) -> None:
         self.dispatcher.on_connect()

@@ -22,7 +22,7 @@ from uuid import UUID
 from reactor.core.models import parse_uuid
 from reactor.core.policy import nested_deeper_than
 
-__all__ = ["CHANNELS", "Notice", "parse_notice"]
+__all__ = ["CHANNELS", "LOG_CHANNEL", "Notice", "parse_notice"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: a job delayed to a future run_after (dispatch) and a schedule changed (the scheduler)
 CHANNELS = ("reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet", "reactor_due",
             "reactor_schedules")
+#: a reactor's cycle that gives nobody else work (its outcomes, all finished, and its claim of the
+#: room they freed; migration 0017): the same payloads as reactor_events, followed by a feed with
+#: clients, never by a dispatcher
+LOG_CHANNEL = "reactor_log"
 
 
 #: deeper payloads are ignored: the reactor's own are 1 deep, and anyone may NOTIFY these channels

@@ -53,8 +53,16 @@ class ListenConnection:
             for channel in channels:
                 await self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
-    async def consume(self, on_notify: Callable[[str, str], None], idle_check_s: float) -> None:
-        """Call ``on_notify(channel, payload)`` for each notification, until the connection is lost.
+    async def unlisten(self, channels: Sequence[str]) -> None:
+        with database_errors():
+            for channel in channels:
+                await self._conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+
+    async def consume(self, on_notify: Callable[[str, str], None], idle_check_s: float,
+                      wake: anyio.Event | None = None) -> None:
+        """Call ``on_notify(channel, payload)`` for each notification, until the connection is lost
+        (:class:`~reactor.core.errors.DatabaseUnavailable`) or ``wake`` is set (returns: the caller
+        has something to do on the connection, such as LISTEN on another channel).
 
         The socket stays registered with the event loop, and notifications are handed on from its
         callback as they are read: per read, no task switch, no timer, no (un)registering of the
@@ -67,7 +75,8 @@ class ListenConnection:
         enc = conn.info.encoding
         loop = asyncio.get_running_loop()
         broken: list[BaseException] = []
-        wake = anyio.Event()
+        if wake is None:
+            wake = anyio.Event()
         heard = False
 
         def read() -> None:
@@ -102,6 +111,8 @@ class ListenConnection:
                         loop.remove_reader(fd)
                     if broken:
                         raise broken[0]
+                    if wake.is_set():
+                        return
                     if not heard:
                         # quiet for a while: make sure the connection is really there
                         await conn.execute("SELECT 1")

@@ -95,6 +95,9 @@ class Dispatcher:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_outcome = on_outcome
+        #: called after each round trip that wrote or claimed something (committed): its notice may
+        #: go on reactor_log, which this reactor's listener does not always follow
+        self.on_cycle: Callable[[], None] = lambda: None
         self.actor = f"reactor:{store.reactor_id}"
         self.circuit = CircuitBreaker(
             threshold=self.settings.circuit_threshold, probe_base_s=self.settings.probe_base_s,
@@ -234,6 +237,8 @@ class Dispatcher:
                 self.stats.claims += 1
                 self.stats.claims_empty += not jobs
             self._recorded(batch, written)
+            if written or jobs:
+                self.on_cycle()
             for job in jobs:
                 self._start(job)
             if len(jobs) < room and gen == self._want_gen:

@@ -13,9 +13,14 @@ heartbeats are coalesced and go out the same way.
 With no client connected there is nobody to write to, and the pump does not read or serialise the
 events: each round (at most every ``idle_interval_s``) reads how far the log goes and, of the events
 up to there, only those this reactor's metrics count (its own starts and ends: ``feed_follow``), and
-moves the ring's end there with nothing held. A client that connects then reads the events it needs
-from the database, as any client resuming from further back than the ring holds; the first client
-ends the pause, and from the next round on the pump reads and sends every event again.
+moves the ring's end there with nothing held. A client that connects then reads the events it
+needs from the database, as any client resuming from further back than the ring holds; the first
+client ends the pause, and from the next round on the pump reads and sends every event again.
+
+Nor does a pump with no client hear of other reactors' cycles that give nobody work: those come on
+``reactor_log`` (migration 0017), which the listener follows only while there are clients
+(:attr:`FanOut.on_clients`). Its rounds follow the notices on ``reactor_events``, its own reactor's
+cycles and each heartbeat, so its end of the log (``reactor_feed_seq``) may lag by a heartbeat.
 """
 
 from __future__ import annotations
@@ -104,6 +109,10 @@ class FanOut:
         self.users: dict[UUID, set[Client]] = {}
         #: called when the log cannot be followed and every client resyncs (cached snapshots are stale)
         self.on_reset: Callable[[], None] = lambda: None
+        #: called with True when the first client registers, False when the last one leaves (and at
+        #: start): while there are clients, every event must wake the pump (the listener follows
+        #: reactor_log too)
+        self.on_clients: Callable[[bool], None] = lambda serving: None
         self._pump_wake = anyio.Event()
         self._client_came = anyio.Event()  # ends the pump's idle pause
         self._stats_wake = anyio.Event()
@@ -120,6 +129,7 @@ class FanOut:
 
     def start(self, tg: TaskGroup) -> None:
         """The pump and the coalescing loops, in ``tg``."""
+        self.on_clients(bool(self.clients))
         tg.start_soon(self._pump)
         tg.start_soon(self._stats_loop)
         tg.start_soon(self._positions_loop)
@@ -161,10 +171,13 @@ class FanOut:
     def register(self, c: Client) -> None:
         c.catchup_until = max(c.cursor, self.ring.last)
         c.lagging = True
+        first = not self.clients
         self.clients.add(c)
         if not c.admin and c.user_id is not None:
             self.users.setdefault(c.user_id, set()).add(c)
         self._count_clients()
+        if first:
+            self.on_clients(True)
         c.poke()
         self._client_came.set()
 
@@ -178,6 +191,8 @@ class FanOut:
                     if not mates:
                         del self.users[c.user_id]
             self._count_clients()
+            if not self.clients:
+                self.on_clients(False)
 
     def _count_clients(self) -> None:
         users = sum(len(mates) for mates in self.users.values())

@@ -42,7 +42,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from reactor.core.logs import add_secret, dsn_secrets
-from reactor.core.notice import Notice
+from reactor.core.notice import LOG_CHANNEL, Notice
 from reactor.db.feed import FeedStore
 from reactor.web.auth import Authenticator, load_jwks
 from reactor.web.fanout import FanOut
@@ -150,7 +150,7 @@ class Feed:
         if notice.channel == "reactor_config":
             self._fanout.wake_stats()
             return
-        if notice.channel != "reactor_events":
+        if notice.channel not in ("reactor_events", LOG_CHANNEL):
             return  # alerts, circuits, due times, schedules: not job events, nothing to read
         if notice.truncated:
             self._fanout.resync_all("jobs were truncated")
@@ -161,6 +161,21 @@ class Feed:
     def on_connect(self) -> None:
         """The listener (re)connected: read whatever was committed meanwhile."""
         self._fanout.recheck()
+
+    def wake(self) -> None:
+        """Events may have been committed that no notice will announce to this feed (this reactor's
+        own cycles, or those before the listener followed ``reactor_log``): read the log."""
+        self._fanout.wake_pump()
+
+    @property
+    def on_clients(self) -> Callable[[bool], None]:
+        """Called with True when the first client registers, False when the last one leaves (and at
+        start): the service has the listener follow ``reactor_log`` while there are clients."""
+        return self._fanout.on_clients
+
+    @on_clients.setter
+    def on_clients(self, hook: Callable[[bool], None]) -> None:
+        self._fanout.on_clients = hook
 
     # -- running -------------------------------------------------------------------------------
 

@@ -673,3 +673,49 @@ async def test_a_client_connecting_while_the_idle_feed_reads_misses_nothing(
             got += await recv_until(ws, lambda m: m["type"] == "event" and m["job"]["id"] == live)
         assert [e["job"]["id"] for e in events(got)] == [first, *later, live]
         assert [e["seq"] for e in events(got)] == list(range(start + 1, start + 6))
+
+
+async def test_a_client_of_a_reactor_with_no_work_gets_the_cycles_of_the_one_with_all_of_it_live(
+        dsn: str, db: psycopg.Connection[Any]) -> None:
+    """Migration 0017: a reactor's cycle that gives nobody else work is sent on reactor_log, which a
+    listener follows only while its feed has clients. A client of a reactor that claims nothing gets
+    the other's events as they commit all the same, not at its next heartbeat (a minute here), and
+    the listener stops following once the client has gone."""
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 2, max_manim_renders = 2")
+    watcher = ServiceSettings(
+        dsn=dsn, orchestrator_url="http://127.0.0.1:9", handle_signals=False, reactor_id="watcher",
+        dispatch=replace(FAST_DISPATCH, max_inflight=0),  # it claims nothing: the other does every job
+        feed=replace(FEED, heartbeat_s=60.0, idle_interval_s=0.05),
+    )
+    async with OrchestratorDouble(latency_ms=5, jitter_ms=5) as orch, \
+            running_service(Service(watcher)) as svc, \
+            running_reactor(dsn, orch.url, reactor_id="worker"):
+        assert not svc.listener.following_log
+        start = last_seq(db)
+        # a user, not an admin: an admin's coalesced stats would read the log's end on their own
+        async with connect(url(svc, f"?since={start}"),
+                           additional_headers=bearer(token("authenticated", USER_A))) as ws:
+            assert await recv(ws) == {"type": "resumed", "since": start}
+            await eventually(lambda: _true(svc.listener.following_log), "the listener to follow reactor_log")
+            log = psycopg.connect(dsn, autocommit=True)
+            log.execute("LISTEN reactor_log")
+            try:
+                jobs = [insert(db, user=USER_A, topic=f"quiet-{i}") for i in range(12)]
+                for j in jobs:
+                    await wait_for(dsn, "SELECT status FROM jobs WHERE id = %s", (j,),
+                                   expect=lambda s: s == "completed")
+                end = last_seq(db)
+                got = await recv_until(ws, is_event(end), timeout=20.0)  # well before the heartbeat
+                quiet = list(log.notifies(timeout=0.5))
+            finally:
+                log.close()
+            assert [e["seq"] for e in events(got)] == list(range(start + 1, end + 1))
+            assert db.execute("SELECT DISTINCT actor FROM reactor.events WHERE seq > %s AND kind = 'started'",
+                              (start,)).fetchall() == [("reactor:worker",)]
+            assert quiet, "some of the worker's cycles went on reactor_log"
+            assert {json.loads(n.payload)["actor"] for n in quiet} == {"reactor:worker"}
+        await eventually(lambda: _true(not svc.listener.following_log), "the listener to stop following reactor_log")
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -14,6 +14,7 @@ import pytest
 
 from reactor.core.errors import DatabaseUnavailable
 from reactor.db.listen import ListenConnection
+from reactor.engine.listener import Listener
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +108,42 @@ async def test_a_failing_subscriber_ends_consume_with_its_error(dsn: str, db: Co
         ended = await consume_until_it_fails(conn, on_notify, lambda: notify(db, range(0, 5)))
     assert isinstance(ended, RuntimeError) and str(ended) == "subscriber broke", repr(ended)
     assert [json.loads(p)["seq"] for p in seen][:3] == [0, 1, 2]
+
+
+async def test_the_listener_follows_reactor_log_only_while_asked_and_again_after_a_reconnect(
+        dsn: str, db: Conn) -> None:
+    got: list[tuple[str, int | None]] = []
+    followed: list[bool] = []  # on_log calls: each time the LISTEN on reactor_log went live
+    listener = Listener(dsn, on_notice=lambda n: got.append((n.channel, n.seq)), on_connect=lambda: None,
+                        on_log=lambda: followed.append(listener.following_log), max_backoff_s=0.2)
+
+    async def heard_log(seq: int) -> bool:
+        """NOTIFY reactor_log, then reactor_events (delivered in that order): was the first heard?"""
+        for channel in ("reactor_log", "reactor_events"):
+            db.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps({"seq": seq})))
+        await until(lambda: ("reactor_events", seq) in got, f"the marker {seq}")
+        return ("reactor_log", seq) in got
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(listener.run)
+        assert not await heard_log(1)  # not asked: not followed
+
+        listener.follow_log(True)
+        await until(lambda: listener.following_log and followed == [True], "the LISTEN on reactor_log")
+        assert await heard_log(2)
+
+        # a reconnect LISTENs on it again, and says so again
+        db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+        await until(lambda: listener.reconnects == 1 and followed == [True, True], "a reconnect")
+        assert await heard_log(3)
+
+        listener.follow_log(False)
+        await until(lambda: not listener.following_log, "the UNLISTEN")
+        assert not await heard_log(4)
+        # asked and unasked at once: nothing changes, nothing is missed
+        listener.follow_log(True)
+        listener.follow_log(False)
+        assert not await heard_log(5)
+        tg.cancel_scope.cancel()
+    assert [s for c, s in got if c == "reactor_events"] == [1, 2, 3, 4, 5]
+    assert [s for c, s in got if c == "reactor_log"] == [2, 3]

@@ -179,6 +179,7 @@ def test_run_cycle_does_what_the_three_calls_it_replaces_did(pair: tuple[Conn, C
 def chan(dsn: str) -> Iterator[Conn]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("LISTEN reactor_events")
+        conn.execute("LISTEN reactor_log")  # receive() says which channel each came on
         yield conn
 
 
@@ -229,3 +230,51 @@ def test_run_cycle_sends_one_notify_per_transaction(db: Conn, chan: Conn) -> Non
     events = db.execute("SELECT count(*), max(seq) FROM reactor.events").fetchone()
     totals = db.execute("SELECT seq FROM reactor.totals ORDER BY id DESC LIMIT 1").fetchone()
     assert events and totals and events[1] == totals[0] == seq[0] + 8 and events[0] == seq[0] + 8
+
+
+def test_a_cycle_that_gives_nobody_else_work_goes_on_reactor_log(db: Conn, chan: Conn) -> None:
+    """Migration 0017: outcomes all finished, their room claimed again by the same transaction, no
+    "more": reactor_log, which dispatchers do not follow. Anything another reactor may act on
+    (a lone claim, a retry, outcomes with no claim after them, "more") stays on reactor_events."""
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 2, max_manim_renders = 2")
+    db.execute("INSERT INTO jobs (job_type, payload) SELECT 'doubt', '{\"question\": \"q\"}' "
+               "FROM generate_series(1, 3)")
+    receive(chan, 1)
+
+    a, b = _call(db, [], 2)  # a lone claim: the sweeps learn of the leases from it
+    receive(chan, 1, "reactor_events")
+    [c] = [r for r in _call(db, [_done(a)], 1) if not r["written"]]  # a finished, its room taken again
+    [msg] = receive(chan, 1, "reactor_log")
+    assert {k: msg[k] for k in ("n", "f", "q", "claiming")} == {"n": 2, "f": 1, "q": 0, "claiming": True}
+    assert "more" not in msg
+
+    # a failure, and nothing left to claim: that event whole, still nobody else's business
+    assert [r["written"] for r in _call(db, [_done(b, "failed")], 1)] == [True]
+    [msg] = receive(chan, 1, "reactor_log")
+    assert (msg["n"], msg["kind"], msg["id"], msg["claiming"]) == (1, "failed", str(b["id"]), True)
+
+    # a retry: others may need to re-read their next due time
+    got = _call(db, [_done(c, "queued")], 1)
+    [msg] = receive(chan, 1, "reactor_events")
+    assert msg["q"] == 1 if msg["n"] > 1 else msg["kind"] == "retrying"
+    c2 = [r for r in got if not r["written"]]
+
+    # a claim that filled what it asked for with room left in the fleet: "more", for the others
+    db.execute("UPDATE job_queue_config SET max_concurrent_renders = 6")
+    db.execute("INSERT INTO jobs (job_type, payload) SELECT 'topic_short', jsonb_build_object('topic', 'm' || g) "
+               "FROM generate_series(1, 4) g")
+    receive(chan, 1, "reactor_events")
+    held = c2 or _call(db, [], 1)
+    if not c2:
+        receive(chan, 1, "reactor_events")
+    _call(db, [_done(held[0])], 1)
+    [msg] = receive(chan, 1, "reactor_events")
+    assert msg.get("more") is True and msg["claiming"] is True
+
+    # outcomes with no claim after them (a draining reactor): their room is for the others
+    rows = db.execute("SELECT id, attempt FROM reactor.jobs WHERE status = 'processing'").fetchall()
+    assert rows
+    _call(db, [_done({"id": i, "attempt": n}) for i, n in rows], 0)
+    [msg] = receive(chan, 1, "reactor_events")
+    assert "claiming" not in msg
+    assert_silent(chan)

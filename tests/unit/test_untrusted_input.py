@@ -28,7 +28,7 @@ from reactor.render.client import _read_answer
 
 ACTOR = "reactor:me"
 CHANNELS = ["reactor_events", "reactor_config", "reactor_alerts", "reactor_fleet", "reactor_due",
-            "reactor_schedules", "other"]
+            "reactor_schedules", "reactor_log", "other"]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -114,6 +114,34 @@ def test_notice_of_one_event() -> None:
 ])
 def test_reaction_to_events(payload: dict[str, Any], reaction: Reaction) -> None:
     assert notice_reaction(parse_notice("reactor_events", json.dumps(payload)), ACTOR, set()) == reaction
+
+
+#: what run_cycle() sends on reactor_log (migration 0017): another reactor's outcomes, all finished
+#: (none queued again, none cancelled), then its claim in the same transaction, without "more"
+OTHERS = st.sampled_from(["reactor:x", "reactor:y"])
+quiet_cycles = st.one_of(
+    # f outcomes and the jobs claimed after them
+    st.builds(lambda seq, f, claimed, actor: {"seq": seq, "n": f + claimed, "q": 0, "f": f, "c": 0,
+                                               "actor": actor, "claiming": True},
+              st.integers(1, 10**9), st.integers(1, 50), st.integers(0, 50), OTHERS),
+    st.builds(lambda seq, kind, job, actor: {"seq": seq, "n": 1, "kind": kind, "id": str(job), "status": kind,
+                                             "old_status": "processing", "actor": actor, "claiming": True},
+              st.integers(1, 10**9), st.sampled_from(["completed", "failed"]), st.uuids(), OTHERS),
+)
+
+
+@given(quiet_cycles, st.sets(st.uuids(), max_size=3))
+def test_what_goes_on_reactor_log_would_ask_nothing_of_another_dispatcher(
+        payload: dict[str, Any], inflight: set[UUID]) -> None:
+    """The rule of 0017 agrees with the dispatcher's: had such a notice come on reactor_events, no
+    other reactor would have claimed, re-read its due time or checked what it holds (the job of a
+    one-event notice was held by its writer, so it is in no other reactor's ``inflight``)."""
+    if "id" in payload:
+        inflight.discard(UUID(payload["id"]))
+    assert notice_reaction(parse_notice("reactor_events", json.dumps(payload)), ACTOR, inflight) == Reaction()
+    # and on reactor_log itself, whatever it says, a dispatcher does nothing
+    assert notice_reaction(parse_notice("reactor_log", json.dumps(payload | {"more": True})), ACTOR,
+                           inflight) == Reaction()
 
 
 def test_reaction_to_other_channels() -> None:
