@@ -23,7 +23,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg.adapt import AdaptersMap, Buffer
+from psycopg import abc
+from psycopg.abc import AdaptContext
+from psycopg.adapt import AdaptersMap, Buffer, Loader
+from psycopg.pq import Format
 from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 from psycopg.types.json import set_json_loads
 
@@ -65,21 +68,50 @@ def _out_of_range(data: Buffer) -> datetime:
     return _EARLIEST if text.startswith(b"-") or text.endswith(b"BC") else _LATEST
 
 
-class _TimestamptzLoader(TimestamptzLoader):
+def _implementation(fmt: Format) -> type[abc.Loader]:
+    """psycopg's own timestamptz loader for ``fmt``, as registered when this module is imported: the
+    C one of psycopg[binary] (about 0.2 us a value against 2 us for the pure Python one)."""
+    found = psycopg.adapters.get_loader(psycopg.adapters.types["timestamptz"].oid, fmt)
+    if found is None or issubclass(found, _Lenient):
+        return TimestamptzLoader if fmt == Format.TEXT else TimestamptzBinaryLoader
+    return found
+
+
+class _Lenient(Loader):
+    """psycopg's loader, with ``datetime.max``/``min`` (UTC) where it raises ``DataError``."""
+
+    _impl: type[abc.Loader]
+
+    def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+        super().__init__(oid, context)
+        self._load = self._impl(oid, context).load
+
+
+class _TimestamptzLoader(_Lenient):
+    format = Format.TEXT
+
     def load(self, data: Buffer) -> datetime:
         try:
-            return super().load(data)
+            value: datetime = self._load(data)
         except psycopg.DataError:
             return _out_of_range(data)
+        return value
 
 
-class _TimestamptzBinaryLoader(TimestamptzBinaryLoader):
+class _TimestamptzBinaryLoader(_Lenient):
+    format = Format.BINARY
+
     def load(self, data: Buffer) -> datetime:
         try:
-            return super().load(data)
+            value: datetime = self._load(data)
         except psycopg.DataError:
             # microseconds since 2000-01-01, big-endian: the sign says which end
             return _EARLIEST if bytes(data)[:1] >= b"\x80" else _LATEST
+        return value
+
+
+_TimestamptzLoader._impl = _implementation(Format.TEXT)
+_TimestamptzBinaryLoader._impl = _implementation(Format.BINARY)
 
 
 def _register_timestamps(adapters: AdaptersMap) -> None:
