@@ -388,12 +388,14 @@ class FanOut:
             self._stats_wake = anyio.Event()
             if not any(c.admin for c in self.clients):
                 continue
+            started = time.monotonic()
             try:
                 [stats] = await self.store.rows("feed_stats")
             except DatabaseError as exc:
                 logger.debug("feed cannot read stats: %s", exc)
                 await anyio.sleep(self.settings.stats_interval_s)
                 continue
+            spent = time.monotonic() - started  # the read's wall time (its cost to the database)
             # figures as of seq N go out after the events up to N (give the pump a moment)
             with anyio.move_on_after(2.0):
                 while self.delivered < stats["last_seq"]:
@@ -404,7 +406,8 @@ class FanOut:
             for c in list(self.clients):
                 if c.admin and not self.offer(c, frame):
                     c.pending_stats = payload
-            await anyio.sleep(self.settings.stats_interval_s)
+            s = self.settings
+            await anyio.sleep(max(s.stats_interval_s, spent / s.stats_share))
 
     async def _positions_loop(self) -> None:
         while True:

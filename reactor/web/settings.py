@@ -44,7 +44,12 @@ class FeedSettings:
     #: metrics.py) up to date: it reads the log at most this often (a read costs a few ms of CPU: at
     #: 0.1 s, 40 ms a second on a reactor with nothing else to do); a client connecting ends the pause
     idle_interval_s: float = 1.0
+    #: admins' coalesced stats are read at most this often...
     stats_interval_s: float = 1.0
+    #: ...and far enough apart that the read takes at most this share of the time: get_queue_stats()
+    #: scans the jobs finished in the last hour for its hour figures (about 0.2 s at 100 jobs/s
+    #: sustained, bench/README.md), so a busy queue is read every few seconds instead of every second
+    stats_share: float = 0.05
     position_interval_s: float = 0.5
     #: events kept in memory; a client further behind than this is closed as too slow
     max_lag: int = 10_000
@@ -72,6 +77,8 @@ class FeedSettings:
             raise ConfigError("the feed's max_unauthenticated must be at least 1")
         if not self.request_rate > 0:
             raise ConfigError("the feed's request_rate must be above 0")
+        if not 0 < self.stats_share <= 1:
+            raise ConfigError("the feed's stats_share must be above 0 and at most 1")
 
     @property
     def unauthenticated_limit(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
@@ -719,3 +720,53 @@ async def test_a_client_of_a_reactor_with_no_work_gets_the_cycles_of_the_one_wit
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize("share", [1.0, 0.01])
+async def test_admin_stats_are_read_no_more_often_than_their_cost_allows(
+        dsn: str, db: psycopg.Connection[Any], share: float) -> None:
+    """get_queue_stats() costs more as the last hour's finished jobs grow: the feed reads it at most
+    every ``stats_interval_s``, and after a read of t seconds waits at least t / ``stats_share``
+    before the next. Each gap between two stats messages is checked against the read before it;
+    with ``stats_share`` 1.0 (the control) the reads come faster than that bound for 0.01."""
+    at: list[float] = []  # when each stats message arrived
+    spent: list[float] = []  # how long each stats read took
+    async with OrchestratorDouble() as orch, \
+            feed_reactor(dsn, orch.url, stats_interval_s=0.05, stats_share=share) as svc, \
+            connect(url(svc), additional_headers=bearer(token())) as ws:
+        assert svc.feed is not None
+        rows = svc.feed.store.rows
+
+        async def timed(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            t0 = time.monotonic()
+            try:
+                return await rows(name, *args, **kwargs)
+            finally:
+                if name == "feed_stats":
+                    spent.append(time.monotonic() - t0)
+
+        svc.feed.store.rows = timed  # type: ignore[method-assign]
+        assert (await recv(ws))["type"] == "snapshot"
+
+        async def read() -> None:
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg["type"] == "stats":
+                    at.append(time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            deadline = time.monotonic() + 30
+            i = 0
+            while (len(at) < 6 or i < 20) and time.monotonic() < deadline:
+                insert(db, topic=f"stats-{i}")  # events all along: each wakes the stats loop
+                i += 1
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    assert len(at) >= 6, (at, spent)
+    # the k-th message follows the k-th read; the gap after it is at least that read / share
+    gaps = [(b - a, spent[k] / 0.01) for k, (a, b) in enumerate(itertools.pairwise(at))]
+    if share < 1:
+        assert all(gap >= 0.8 * bound - 0.02 for gap, bound in gaps), gaps
+    else:
+        assert any(gap < 0.8 * bound - 0.02 for gap, bound in gaps), gaps
