@@ -19,6 +19,7 @@ contract refused such payloads at INSERT).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,9 +64,14 @@ def payload_loads(data: str | bytes) -> Any:
     return _decode(data, MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH)
 
 
-def _out_of_range(data: Buffer) -> datetime:
+def _text_out_of_range(data: Buffer) -> datetime:
     text = bytes(data)
     return _EARLIEST if text.startswith(b"-") or text.endswith(b"BC") else _LATEST
+
+
+def _binary_out_of_range(data: Buffer) -> datetime:
+    # microseconds since 2000-01-01, big-endian: the sign says which end
+    return _EARLIEST if bytes(data)[:1] >= b"\x80" else _LATEST
 
 
 def _implementation(fmt: Format) -> type[abc.Loader]:
@@ -81,33 +87,28 @@ class _Lenient(Loader):
     """psycopg's loader, with ``datetime.max``/``min`` (UTC) where it raises ``DataError``."""
 
     _impl: type[abc.Loader]
+    _out_of_range: Callable[[Buffer], datetime]
 
     def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
         super().__init__(oid, context)
         self._load = self._impl(oid, context).load
 
-
-class _TimestamptzLoader(_Lenient):
-    format = Format.TEXT
-
     def load(self, data: Buffer) -> datetime:
         try:
             value: datetime = self._load(data)
         except psycopg.DataError:
-            return _out_of_range(data)
+            return self._out_of_range(data)
         return value
+
+
+class _TimestamptzLoader(_Lenient):
+    format = Format.TEXT
+    _out_of_range = staticmethod(_text_out_of_range)
 
 
 class _TimestamptzBinaryLoader(_Lenient):
     format = Format.BINARY
-
-    def load(self, data: Buffer) -> datetime:
-        try:
-            value: datetime = self._load(data)
-        except psycopg.DataError:
-            # microseconds since 2000-01-01, big-endian: the sign says which end
-            return _EARLIEST if bytes(data)[:1] >= b"\x80" else _LATEST
-        return value
+    _out_of_range = staticmethod(_binary_out_of_range)
 
 
 _TimestamptzLoader._impl = _implementation(Format.TEXT)
