@@ -30,7 +30,7 @@ from reactor.testing.orchestrator import OrchestratorDouble
 from reactor.web import wire
 from reactor.web.auth import AuthSettings
 from reactor.web.feed import FeedSettings
-from tests.support.processes import PATIENCE_S
+from tests.support.processes import PATIENCE_S, until
 from tests.support.reactors import FAST_DISPATCH, running_reactor, running_service, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -697,7 +697,7 @@ async def test_a_client_of_a_reactor_with_no_work_gets_the_cycles_of_the_one_wit
         async with connect(url(svc, f"?since={start}"),
                            additional_headers=bearer(token("authenticated", USER_A))) as ws:
             assert await recv(ws) == {"type": "resumed", "since": start}
-            await eventually(lambda: _true(svc.listener.following_log), "the listener to follow reactor_log")
+            await until(lambda: svc.listener.following_log, "the listener to follow reactor_log")
             log = psycopg.connect(dsn, autocommit=True)
             log.execute("LISTEN reactor_log")
             try:
@@ -715,11 +715,8 @@ async def test_a_client_of_a_reactor_with_no_work_gets_the_cycles_of_the_one_wit
                               (start,)).fetchall() == [("reactor:worker",)]
             assert quiet, "some of the worker's cycles went on reactor_log"
             assert {json.loads(n.payload)["actor"] for n in quiet} == {"reactor:worker"}
-        await eventually(lambda: _true(not svc.listener.following_log), "the listener to stop following reactor_log")
+        await until(lambda: not svc.listener.following_log, "the listener to stop following reactor_log")
 
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 @pytest.mark.parametrize("share", [1.0, 0.01])
