@@ -1,4 +1,4 @@
-"""reactor.run_cycle() (0016): the reactor's round trip with one journal write does what the three
+"""reactor.run_cycle() (0016, 0018): the reactor's round trip with one journal write does what the three
 calls it replaces did (finish_settle_and_claim(), which calls finish_and_claim() and claim_jobs()):
 the same rows written and claimed, the same events in the same order, the same totals and claim
 cursors, the same render-cache words. Two databases take the same seeded random steps (inserts behind
@@ -82,9 +82,14 @@ class Side:
     def state(self) -> dict[str, Any]:
         c = self.conn
         return {
+            # the stamps as jobs_before_write sets them (0018: run_cycle sets them itself), relative
+            # to the writing transaction's now(), which differs between the two databases
             "jobs": c.execute("SELECT job_no, status, attempt, retry_count, priority, locked_by, cache_key, "
                               "run_after > now() AS later, result - 'cached_from' AS result, "
-                              "result ? 'cached_from' AS cached FROM reactor.jobs ORDER BY job_no").fetchall(),
+                              "result ? 'cached_from' AS cached, started_at IS NULL AS unstarted, "
+                              "started_at = updated_at AS started_then, completed_at IS NULL AS open, "
+                              "completed_at = updated_at AS completed_then, "
+                              "lease_expires_at - updated_at AS lease FROM reactor.jobs ORDER BY job_no").fetchall(),
             "events": c.execute("SELECT e.seq, j.job_no, e.kind, e.status, e.old_status, e.priority, e.job_type, "
                                 "e.renderer, e.retry_count, e.error_category, e.actor FROM reactor.events e "
                                 "LEFT JOIN reactor.jobs j ON j.id = e.job_id ORDER BY e.seq").fetchall(),

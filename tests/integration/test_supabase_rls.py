@@ -240,7 +240,7 @@ def test_applies_reruns_and_rolls_back_to_the_same_catalog(
     assert catalog(supa_dsn) == after
 
 
-@pytest.mark.parametrize("version", [12, 13, 14, 15, 16])
+@pytest.mark.parametrize("version", [12, 13, 14, 15, 16, 17, 18])
 def test_a_migration_over_the_hardening_is_the_hardening_over_it_and_rolls_back_to_it(
     pg_server: EmbeddedPostgres, supabase_roles: None, version: int
 ) -> None:
