@@ -2,6 +2,7 @@
 """The database's share of the reactor's cycle, by schema version (issue 18, the quiet figures).
 
     python3 bench/cycle_bench.py [--jobs 3000] [--batch 1] [--repeats 2] [--versions 6,7,14,15] [--reactor-call]
+    python3 bench/cycle_bench.py --lone [--jobs 600] [--repeats 3] [--versions 6,17,18]
 
 The reactor writes each outcome and claims again in one call: ``reactor.finish_and_claim`` to 0012,
 ``finish_settle_and_claim`` (which calls it and then ``claim_jobs``) from 0013, ``run_cycle`` from
@@ -18,12 +19,18 @@ are tested to give back exactly what the earlier migrations made), in a database
 template per version; the versions alternate within each repeat, so that load from elsewhere on the
 machine falls on all alike. A private PostgreSQL with durable settings (fsync on, as in production).
 No bound: a figure to compare versions by, in one run.
+
+``--lone`` measures what a pickup costs the database instead: one job inserted, then the reactor's
+call that claims it alone (nothing to write, room for 10: an idle reactor woken by the INSERT), then
+the call that writes its outcome alone (no claim), one job at a time; the median of each call and of
+its COMMIT, per version.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -100,6 +107,38 @@ def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs
             "commit_ms": spent["commit"] / calls * 1000, "wal_b": float(row[0]) / done}
 
 
+def run_lone(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int,
+             call: sql.SQL) -> dict[str, float]:
+    admin.execute("DROP DATABASE IF EXISTS cycle_run")
+    admin.execute(sql.SQL("CREATE DATABASE cycle_run TEMPLATE {}").format(sql.Identifier(tpl)))
+    with psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as c, \
+            psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as r:
+        c.execute("UPDATE job_queue_config SET max_concurrent_renders = 10, max_manim_renders = 10")
+        c.execute("CHECKPOINT")
+        times: dict[str, list[float]] = {"claim": [], "claim_commit": [], "outcome": [], "outcome_commit": []}
+
+        def timed(name: str, outcomes: list[dict[str, Any]], claim: int) -> list[tuple[Any, ...]]:
+            t1 = time.perf_counter()
+            r.execute("BEGIN")
+            rows = r.execute(call, (json.dumps(outcomes), claim)).fetchall()
+            t2 = time.perf_counter()
+            r.execute("COMMIT")
+            times[name].append(t2 - t1)
+            times[f"{name}_commit"].append(time.perf_counter() - t2)
+            return rows
+
+        warm = 50
+        for i in range(jobs + warm):
+            c.execute("INSERT INTO jobs (job_type, payload) VALUES ('doubt', %s)", (json.dumps({"question": f"q{i}"}),))
+            [(_, job, attempt)] = [row for row in timed("claim", [], 10) if not row[0]]
+            timed("outcome", [{"id": str(job), "attempt": attempt, "status": "completed", "retry_count": 0,
+                               "delay_s": 0, "result": {"video_url": f"https://cdn.example/{job}.mp4"}}], 0)
+            if i == warm - 1:
+                for xs in times.values():
+                    xs.clear()
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=3000)
@@ -109,7 +148,12 @@ def main() -> int:
                     help="call what the reactor calls at each version (finish_settle_and_claim from 0013, "
                          "run_cycle from 0016), not finish_and_claim")
     ap.add_argument("--versions", default=None, help="schema versions, comma-separated (default 6,7,8,14,latest)")
+    ap.add_argument("--lone", action="store_true",
+                    help="a pickup's share instead: claim one job alone, then write its outcome alone "
+                         "(what the reactor calls at each version; --jobs defaults to 600)")
     args = ap.parse_args()
+    if args.lone:
+        args.reactor_call = True
     latest = max(m.version for m in discover())
     versions = ([int(v) for v in args.versions.split(",")] if args.versions
                 else sorted({6, 7, 8, latest - 1, latest}))
@@ -118,6 +162,8 @@ def main() -> int:
     try:
         with psycopg.connect(dsn, autocommit=True) as admin:
             templates = {v: template(admin, server, v) for v in versions}
+            if args.lone:
+                return lone(admin, server, templates, versions, latest, args)
             print(f"cycle_bench: {args.jobs} jobs, {args.batch} outcome(s) and claim(s) per call, one connection, "
                   f"durable; versions {', '.join(map(str, versions))} (latest {latest})")
             print(f"{'repeat':>6} {'version':>7} {'jobs/s':>8} {'calls/s':>8} {'call ms':>8} {'commit ms':>9} "
@@ -130,6 +176,21 @@ def main() -> int:
                           f"{f['commit_ms']:>9.2f} {f['wal_b']:>9.0f}", flush=True)
     finally:
         server.stop()
+    return 0
+
+
+def lone(admin: psycopg.Connection[Any], server: EmbeddedPostgres, templates: dict[int, str],
+         versions: list[int], latest: int, args: argparse.Namespace) -> int:
+    jobs = args.jobs if args.jobs != 3000 else 600
+    print(f"cycle_bench --lone: {jobs} jobs one at a time (insert, claim it alone, write its outcome alone), "
+          f"durable; versions {', '.join(map(str, versions))} (latest {latest}); medians, ms")
+    print(f"{'repeat':>6} {'version':>7} {'claim':>7} {'commit':>7} {'outcome':>8} {'commit':>7}")
+    for r in range(1, args.repeats + 1):
+        for v in (versions if r % 2 else versions[::-1]):
+            call = CYCLE if v < 13 else SETTLE if v < 16 else RUN_CYCLE
+            f = run_lone(admin, server, templates[v], jobs, call)
+            print(f"{r:>6} {v:>7} {f['claim']:>7.3f} {f['claim_commit']:>7.3f} {f['outcome']:>8.3f} "
+                  f"{f['outcome_commit']:>7.3f}", flush=True)
     return 0
 
 
