@@ -63,12 +63,19 @@ def template(admin: psycopg.Connection[Any], server: EmbeddedPostgres, version: 
     return name
 
 
-def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int, batch: int,
-        call: sql.SQL = CYCLE) -> dict[str, float]:
+def fresh_run_db(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str) -> str:
+    """A database cloned from the version's template, limits 10 and 10; returns its DSN."""
     admin.execute("DROP DATABASE IF EXISTS cycle_run")
     admin.execute(sql.SQL("CREATE DATABASE cycle_run TEMPLATE {}").format(sql.Identifier(tpl)))
-    with psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as c:
+    dsn = server.dsn_for("cycle_run")
+    with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("UPDATE job_queue_config SET max_concurrent_renders = 10, max_manim_renders = 10")
+    return dsn
+
+
+def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int, batch: int,
+        call: sql.SQL = CYCLE) -> dict[str, float]:
+    with psycopg.connect(fresh_run_db(admin, server, tpl), autocommit=True) as c:
         c.execute("INSERT INTO jobs (job_type, payload) "
                   "SELECT 'doubt', jsonb_build_object('question', 'q' || g) FROM generate_series(1, %s) g", (jobs,))
         c.execute("CHECKPOINT")
@@ -109,11 +116,8 @@ def run(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs
 
 def run_lone(admin: psycopg.Connection[Any], server: EmbeddedPostgres, tpl: str, jobs: int,
              call: sql.SQL) -> dict[str, float]:
-    admin.execute("DROP DATABASE IF EXISTS cycle_run")
-    admin.execute(sql.SQL("CREATE DATABASE cycle_run TEMPLATE {}").format(sql.Identifier(tpl)))
-    with psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as c, \
-            psycopg.connect(server.dsn_for("cycle_run"), autocommit=True) as r:
-        c.execute("UPDATE job_queue_config SET max_concurrent_renders = 10, max_manim_renders = 10")
+    dsn = fresh_run_db(admin, server, tpl)
+    with psycopg.connect(dsn, autocommit=True) as c, psycopg.connect(dsn, autocommit=True) as r:
         c.execute("CHECKPOINT")
         times: dict[str, list[float]] = {"claim": [], "claim_commit": [], "outcome": [], "outcome_commit": []}
 
